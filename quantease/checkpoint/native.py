@@ -1,0 +1,178 @@
+"""quantease's own checkpoint: a Hugging Face-style folder of safetensors shards plus quantease.json and a manifest.
+
+Layout of DIR:
+  config.json, tokenizer files      the source model's, with quantization_config = {"quant_method": "quantease"}
+  model-outer.safetensors           tensors outside the decoder blocks (embeddings, final norm, head), unchanged
+  model-block-NNNNN.safetensors     one per decoder block: quantized linears (schema below) and the block's other
+                                    tensors (norms, biases) unchanged
+  model.safetensors.index.json      tensor name -> shard, as transformers writes for sharded models
+  quantease.json                    settings, calibration fingerprint, per-layer errors, timings, effective bits
+  manifest.json                     size and sha256 of every file above; written last, so a folder without it is
+                                    incomplete and every reader refuses it
+
+Every file is written under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..solvers.base import QuantizedWeight
+from ..solvers.grid import Grid
+from .packing import pack, packed_words, unpack
+
+__all__ = [
+    "FORMAT",
+    "TensorSchema",
+    "quantized_schema",
+    "encode",
+    "decode_grid",
+    "dequantize_tensors",
+    "effective_bits",
+    "CheckpointWriter",
+    "read_manifest",
+]
+
+FORMAT = "quantease-native"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INFO = "quantease.json"
+OUTER_SHARD = "model-outer.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorSchema:
+    suffix: str
+    dtype: torch.dtype
+    shape: Callable[[int, int, int, int], tuple[int, ...]]  # (q, p, bits, groups) -> shape
+    when: Callable[[bool, bool], bool] = lambda sym, grouped_perm: True  # (sym, has non-contiguous groups)
+
+
+def quantized_schema() -> tuple[TensorSchema, ...]:
+    """The tensors stored for one quantized linear `NAME` (as NAME.suffix)."""
+    return (
+        TensorSchema("qweight", torch.int32, lambda q, p, b, G: (q, packed_words(p, b))),
+        TensorSchema("scales", torch.float16, lambda q, p, b, G: (q, G)),
+        TensorSchema("qzeros", torch.int32, lambda q, p, b, G: (q, packed_words(G, b)), lambda sym, perm: not sym),
+        TensorSchema("g_idx", torch.int32, lambda q, p, b, G: (p,), lambda sym, perm: perm),
+    )
+
+
+def _contiguous(g_idx: torch.Tensor, groups: int) -> bool:
+    p = g_idx.numel()
+    return bool((g_idx.cpu() == torch.arange(p) // (p // groups)).all())
+
+
+def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """suffix -> tensor for one quantized linear, following `quantized_schema`."""
+    grid = qw.grid
+    G = grid.scale.shape[1]
+    out = {
+        "qweight": pack(qw.codes.cpu(), qw.bits),
+        "scales": grid.scale.cpu().to(torch.float16),
+        "qzeros": pack(grid.zero.cpu().to(torch.uint8), qw.bits),
+        "g_idx": grid.g_idx.cpu().to(torch.int32),
+    }
+    perm = not _contiguous(grid.g_idx, G)
+    q, p = qw.shape
+    tensors = {}
+    for s in quantized_schema():
+        if s.when(qw.sym, perm):
+            t = out[s.suffix]
+            assert t.dtype == s.dtype and tuple(t.shape) == s.shape(q, p, qw.bits, G), s.suffix
+            tensors[s.suffix] = t.contiguous()
+    return tensors
+
+
+def decode_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[torch.Tensor, Grid]:
+    """Codes [q, p] and grid from one layer's stored tensors and its quantease.json entry."""
+    q, p, bits, G = meta["out_features"], meta["in_features"], meta["bits"], meta["groups"]
+    codes = unpack(tensors["qweight"], bits, p)
+    scale = tensors["scales"].float()
+    if "qzeros" in tensors:
+        zero = unpack(tensors["qzeros"], bits, G).float()
+    else:
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    g_idx = tensors["g_idx"].long() if "g_idx" in tensors else torch.arange(p, device=scale.device) // (p // G)
+    return codes, Grid(scale, zero, g_idx, 2**bits - 1)
+
+
+def dequantize_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+    codes, grid = decode_grid(tensors, meta)
+    return grid.dequantize(codes.float())
+
+
+def effective_bits(tensors: dict[str, torch.Tensor], q: int, p: int) -> float:
+    """Stored bits per weight of one layer: codes, scales, zeros and group indices all counted."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors.values()) / (q * p)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; refuses folders that were never finished."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not a complete quantease checkpoint (no {MANIFEST}): the run that wrote it "
+                              f"did not finish; rerun the quantize command")
+    return json.loads(path.read_text())
+
+
+class CheckpointWriter:
+    """Writes shards as the pipeline produces them, then the index, config, info and (last) the manifest."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+
+    def shard_name(self, block: int | None) -> str:
+        return OUTER_SHARD if block is None else f"model-block-{block:05d}.safetensors"
+
+    def write_shard(self, block: int | None, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard_name(block)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        self.weight_map.update({k: name for k in tensors})
+
+    def write_json(self, name: str, obj: Any) -> None:
+        _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False)))
+
+    def copy_files(self, src: Path, names: list[str]) -> None:
+        for n in names:
+            if (src / n).is_file():
+                _atomic_write_bytes(self.out / n, lambda tmp, n=n: shutil.copyfile(src / n, tmp))
+
+    def finalize(self, config: dict[str, Any], info: dict[str, Any]) -> None:
+        self.write_json("model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))})
+        self.write_json("config.json", config)
+        self.write_json(INFO, info)
+        files = sorted(p.name for p in self.out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "files": {n: {"bytes": (self.out / n).stat().st_size, "sha256": _sha256(self.out / n)} for n in files},
+        }
+        self.write_json(MANIFEST, manifest)

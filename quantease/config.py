@@ -1,0 +1,62 @@
+"""The settings of one quantization run: one validated dataclass, saved whole into quantease.json."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import UsageError
+from .solvers import GridSpec, get_solver
+
+__all__ = ["QuantConfig"]
+
+
+@dataclass
+class QuantConfig:
+    model: str = "smollm2-135m"  # built-in name or local Hugging Face folder
+    out: str = ""
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = -1  # -1: one grid per output channel
+    sym: bool = False
+    clip: str = "minmax"  # grid range: "minmax" or "mse" (error-minimizing search)
+    method_options: dict[str, Any] = field(default_factory=dict)  # the solver's own options, by name
+    calib: str = "ptb"  # data source name, name=PATH, or a text file
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    calib_batch_size: int = 4
+    sequential: bool = True  # each group of linears sees the already-quantized earlier groups of its block
+    propagate: bool = True  # the next block sees the quantized block's outputs (False: the original's)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        try:
+            self.grid()
+            get_solver(self.method).make_options(self.method_options)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for name in ("nsamples", "seqlen", "calib_batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise UsageError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def grid(self) -> GridSpec:
+        return GridSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip)
+
+    def solver_options(self) -> Any:
+        return get_solver(self.method).make_options(self.method_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**values)

@@ -1,0 +1,145 @@
+"""Lazy access to a Hugging Face checkpoint: the model skeleton on the meta device, tensors read on demand.
+
+Only one decoder block's weights (plus the embeddings and head) are ever materialized: `load_block` copies a block's
+tensors from the safetensors files into the skeleton, `unload_block` sends them back to the meta device.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from ..errors import ModelNotFound
+from .builtin import BUILTIN_MODELS, resolve_builtin
+from .registry import ArchSpec, get_arch
+
+__all__ = ["resolve_model_path", "SafetensorsIndex", "LazyModel"]
+
+
+def resolve_model_path(model: str) -> Path:
+    """A built-in name or a local Hugging Face folder with config.json and safetensors weights."""
+    if model in BUILTIN_MODELS:
+        return resolve_builtin(model)
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelNotFound(
+            f"model {model!r} is neither a local folder nor a built-in model ({', '.join(BUILTIN_MODELS)})"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path} has no config.json: point MODEL at a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        hint = " (found PyTorch pickle weights: convert them to safetensors first)" if any(path.glob("*.bin")) else ""
+        raise ModelNotFound(f"{path} has no .safetensors weights{hint}")
+    return path
+
+
+class SafetensorsIndex:
+    """Tensor name -> file, for single-file and sharded (model.safetensors.index.json) checkpoints."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / fname for name, fname in weight_map.items()}
+        else:
+            self.files = {}
+            for f in sorted(folder.glob("*.safetensors")):
+                with safe_open(f, "pt") as h:
+                    self.files.update({name: f for name in h.keys()})
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, "pt")
+        return self._handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return self._handle(self.files[name]).get_slice(name).get_shape()
+
+    def dtype(self, name: str) -> str:
+        return self._handle(self.files[name]).get_slice(name).get_dtype()
+
+
+class LazyModel:
+    """A causal LM whose parameters live on the meta device until asked for."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
+        self.folder = folder
+        self.config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+        self.arch: ArchSpec = get_arch(self.config.model_type)
+        self.dtype = dtype
+        self.index = SafetensorsIndex(folder)
+        self.config.use_cache = False
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.model.eval()
+        self.prefix = self.model.base_model_prefix
+        self.blocks: torch.nn.ModuleList = self.model.get_submodule(self.arch.blocks)
+
+    def checkpoint_name(self, param: str) -> str:
+        """Checkpoint key of a model parameter (some checkpoints omit the base-model prefix)."""
+        if param in self.index:
+            return param
+        short = param.removeprefix(self.prefix + ".")
+        if short in self.index:
+            return short
+        raise ModelNotFound(f"tensor {param} is missing from the checkpoint in {self.folder}")
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.arch.blocks}.{i}."
+
+    def _params(self, prefix: str | None, inside: bool) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        return [n for n in names if (prefix is not None and n.startswith(prefix)) == inside]
+
+    def _load(self, names: list[str], device: torch.device | str) -> None:
+        for n in names:
+            value = self.index.get(self.checkpoint_name(n)).to(self.dtype)
+            set_module_tensor_to_device(self.model, n, device, value=value)
+
+    def _unload(self, names: list[str]) -> None:
+        for n in names:
+            set_module_tensor_to_device(self.model, n, "meta")
+
+    def outer_params(self) -> list[str]:
+        """Parameters outside the decoder blocks that the checkpoint stores (a tied head is not stored)."""
+        return [n for n in self._params(self.arch.blocks + ".", inside=False) if self._stored(n)]
+
+    def load_outer(self, device: torch.device | str) -> None:
+        """Materialize the embeddings, final norm and head: enough to run the model up to block 0."""
+        self._load(self.outer_params(), device)
+
+    def unload_outer(self) -> None:
+        self._unload(self.outer_params())
+
+    def _stored(self, param: str) -> bool:
+        try:
+            self.checkpoint_name(param)
+            return True
+        except ModelNotFound:
+            return False
+
+    def load_block(self, i: int, device: torch.device | str) -> torch.nn.Module:
+        self._load(self._params(self.block_prefix(i), inside=True), device)
+        return self.blocks[i]
+
+    def unload_block(self, i: int) -> None:
+        self._unload(self._params(self.block_prefix(i), inside=True))
+
+    def block_tensor_names(self, i: int) -> dict[str, str]:
+        """Model parameter name -> checkpoint key, for block i."""
+        return {n: self.checkpoint_name(n) for n in self._params(self.block_prefix(i), inside=True)}

@@ -1,0 +1,111 @@
+"""What every solver takes and returns, and the registry that names solvers in configs and checkpoints.
+
+A solver is a pure function  solve(W [q, p], Σ [p, p] | None, GridSpec, options) -> SolveResult.
+It never sees files, models or devices other than those of its inputs. Σ = (1/N) Σ_n x_n x_nᵀ is the mean Gram
+matrix of the layer's inputs, so  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  is the mean squared output error per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .grid import Grid, GridSpec
+
+__all__ = [
+    "QuantizedWeight",
+    "SolveResult",
+    "SolverEntry",
+    "register_solver",
+    "get_solver",
+    "solver_names",
+    "layer_loss",
+]
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · (codes[i, j] - zero[i, g(j)])."""
+
+    codes: torch.Tensor  # [q, p] uint8
+    grid: Grid
+    bits: int
+    group_size: int  # -1: per channel
+    sym: bool
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, grid: Grid, spec: GridSpec) -> "QuantizedWeight":
+        return cls(codes.to(torch.uint8), grid, spec.bits, spec.group_size, spec.sym)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ [q, p] in fp32."""
+        return self.grid.dequantize(self.codes.float())
+
+
+@dataclass
+class SolveResult:
+    weight: QuantizedWeight
+    loss: float  # f(Ŵ) with the returned Ŵ; nan when no Σ was given
+    history: list[float] = field(default_factory=list)  # f after initialization and after every sweep
+    notes: list[str] = field(default_factory=list)  # numerical fallbacks taken (logged and counted by the pipeline)
+
+
+class SolveFn(Protocol):
+    def __call__(self, W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any) -> SolveResult: ...
+
+
+@dataclass(frozen=True)
+class SolverEntry:
+    name: str
+    solve: SolveFn
+    options: type  # frozen dataclass of the solver's own options
+    requires_calibration: bool
+
+    def make_options(self, values: dict[str, Any] | None = None) -> Any:
+        """Build the options dataclass, rejecting keys it does not have."""
+        values = dict(values or {})
+        known = {f.name for f in fields(self.options)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; "
+                f"valid: {', '.join(sorted(known)) or '(none)'}"
+            )
+        return self.options(**values)
+
+
+_SOLVERS: dict[str, SolverEntry] = {}
+
+
+def register_solver(name: str, options: type, requires_calibration: bool = True) -> Callable[[SolveFn], SolveFn]:
+    """Register `solve` under `name`, the string written to quantease.json."""
+
+    def wrap(fn: SolveFn) -> SolveFn:
+        if name in _SOLVERS:
+            raise RuntimeError(f"solver {name!r} registered twice")
+        _SOLVERS[name] = SolverEntry(name, fn, options, requires_calibration)
+        return fn
+
+    return wrap
+
+
+def get_solver(name: str) -> SolverEntry:
+    try:
+        return _SOLVERS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(solver_names())}") from None
+
+
+def solver_names() -> list[str]:
+    return sorted(_SOLVERS)
+
+
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor) -> float:
+    """f(Ŵ) = tr(D Σ Dᵀ), D = Ŵ - W, accumulated in fp64 for a faithful report."""
+    D = (W_hat - W).double()
+    return float(((D @ sigma.double()) * D).sum())

@@ -1,0 +1,130 @@
+"""GPTQ: greedy column-by-column quantization with optimal error feedback.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (arXiv 2210.17323), Algorithm 1. Objective  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  over Ŵ on the grid.
+With H = Σ + λI (λ = damp · mean diag Σ) and U the upper Cholesky factor of H⁻¹, column j is rounded and its
+error moved onto the columns not yet quantized, which is the optimal correction of those columns (OBS):
+    Q_j = q_j(W_j),    Err_j = (W_j - Q_j) / U_jj,    W_k ← W_k - Err_j U_jk   (k > j).
+Updates are lazy: rank-1 inside a block of B columns, then W[:, i2:] -= Err Hinv[i1:i2, i2:] as one matmul.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NumericalError, UsageError
+from .base import QuantizedWeight, SolveResult, layer_loss, register_solver
+from .grid import Grid, GridSpec, fit_grid
+
+__all__ = ["GPTQOptions", "check_layer", "solve"]
+
+_FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01  # λ = damp · mean(diag Σ) added to Σ's diagonal
+    block_size: int = 128  # columns per lazy-update block
+    act_order: bool = False  # quantize columns in order of descending diag Σ
+    static_groups: bool = False  # fit every group's grid on the original W up front
+    max_damp_retries: int = 5  # Cholesky failures retried with 10x the damping each time
+
+    def __post_init__(self) -> None:
+        if self.damp < 0:
+            raise UsageError(f"gptq damp must be >= 0, got {self.damp}")
+        if self.block_size < 1:
+            raise UsageError(f"gptq block_size must be >= 1, got {self.block_size}")
+        if self.max_damp_retries < 0:
+            raise UsageError(f"gptq max_damp_retries must be >= 0, got {self.max_damp_retries}")
+
+
+def check_layer(W: torch.Tensor, sigma: torch.Tensor | None) -> None:
+    """Reject a layer problem that no solver can work on, naming what is wrong."""
+    if sigma is None:
+        raise UsageError("this method needs calibration statistics (Σ); use method 'rtn' to quantize without data")
+    if W.dim() != 2 or sigma.shape != (W.shape[1], W.shape[1]):
+        raise UsageError(f"weight {tuple(W.shape)} and Σ {tuple(sigma.shape)} do not match: Σ must be [in, in]")
+    if not (torch.isfinite(W).all() and torch.isfinite(sigma).all()):
+        raise NumericalError("NaN or Inf in the weight or its calibration statistics Σ")
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, str | None]:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x damping on failure.
+
+    If every try fails, U = I: each column is then rounded with no error feedback (RTN on the same grids)."""
+    p = H.shape[0]
+    eye = torch.eye(p, device=H.device)  # [p, p]
+    mean_diag = float(torch.diagonal(H).mean())
+    for attempt in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)  # [p, p] lower
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [p, p] upper
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                note = f"gptq: Cholesky failed, succeeded with damp={damp:g} after {attempt} retries" if attempt else None
+                return U, note
+        damp = max(10 * damp, _FIRST_RETRY_DAMP)
+    return eye, f"gptq: Cholesky failed {retries + 1} times (last damp={damp / 10:g}); fell back to RTN"
+
+
+def _block_width(block_size: int, group_size: int | None) -> int:
+    """Block width; with per-group grids a multiple of the group size, so a group never straddles two blocks
+    and its grid is fitted on fully error-updated columns."""
+    if group_size is None:
+        return block_size
+    return max(group_size, block_size // group_size * group_size)
+
+
+@register_solver("gptq", GPTQOptions)
+@torch.no_grad()
+def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: GPTQOptions = GPTQOptions()) -> SolveResult:
+    check_layer(W, sigma)
+    W_orig = W.float()
+    q, p = W_orig.shape
+    n_groups = spec.groups(p)
+    H = sigma.float().clone()  # [p, p]
+    dead = torch.diagonal(H) == 0  # inputs never active: any value is free, take 0
+    H[dead, dead] = 1
+    W = W_orig.clone()  # [q, p]
+    W[:, dead] = 0
+    d = torch.diagonal(H).clone()  # [p] (clip="mse" weights)
+
+    perm = torch.argsort(d, descending=True) if options.act_order else torch.arange(p, device=W.device)
+    dynamic = spec.group_size != -1 and not options.static_groups
+    if dynamic:  # grids fitted in the loop; group = position in processing order
+        scale = torch.empty(q, n_groups, device=W.device)  # [q, G]
+        zero = torch.empty_like(scale)  # [q, G]
+        gpos = (torch.arange(p, device=W.device) // spec.group_size).tolist()
+    else:
+        grid = fit_grid(W, spec, d)
+        scale, zero = grid.scale, grid.zero  # [q, G]
+        gpos = grid.g_idx[perm].tolist()
+
+    U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
+    W, d = W[:, perm], d[perm]
+    codes = torch.zeros_like(W)  # [q, p] in processing order
+    B = _block_width(options.block_size, spec.group_size if dynamic else None)
+    for i1 in range(0, p, B):
+        i2 = min(i1 + B, p)
+        W1 = W[:, i1:i2].clone()  # [q, B] columns carrying all error feedback so far
+        Err1 = torch.zeros_like(W1)  # [q, B]
+        U1 = U[i1:i2, i1:i2]  # [B, B]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % spec.group_size == 0:
+                g = fit_grid(W1[:, i : i + spec.group_size], spec, d[j : j + spec.group_size])
+                scale[:, gpos[j]], zero[:, gpos[j]] = g.scale[:, 0], g.zero[:, 0]
+            s, z = scale[:, gpos[j]], zero[:, gpos[j]]  # [q], [q]
+            c = torch.clamp(torch.round(W1[:, i] / s) + z, 0, spec.maxq)  # [q], same formula as Grid.quantize
+            err = (W1[:, i] - s * (c - z)) / U1[i, i]  # [q]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            codes[:, j], Err1[:, i] = c, err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+
+    g_idx = torch.empty(p, dtype=torch.long, device=W.device)
+    g_idx[perm] = torch.tensor(gpos, device=W.device)
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    qw = QuantizedWeight.from_codes(out, Grid(scale, zero, g_idx, spec.maxq), spec)
+    loss = layer_loss(W_orig, qw.dequantize(), sigma)  # undamped Σ
+    return SolveResult(qw, loss, [loss], [note] if note else [])

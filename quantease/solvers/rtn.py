@@ -1,0 +1,25 @@
+"""Round-to-nearest: Ŵ = q(W) on the fitted grid. The baseline every other solver must beat, and the fallback."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import QuantizedWeight, SolveResult, layer_loss, register_solver
+from .grid import GridSpec, fit_grid
+
+__all__ = ["RTNOptions", "solve"]
+
+
+@dataclass(frozen=True)
+class RTNOptions:
+    pass
+
+
+@register_solver("rtn", RTNOptions, requires_calibration=False)
+def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: RTNOptions = RTNOptions()) -> SolveResult:
+    W = W.float()
+    grid = fit_grid(W, spec, None if sigma is None else torch.diagonal(sigma))
+    qw = QuantizedWeight.from_codes(grid.quantize(W), grid, spec)
+    loss = layer_loss(W, qw.dequantize(), sigma) if sigma is not None else float("nan")
+    return SolveResult(qw, loss, [loss])
