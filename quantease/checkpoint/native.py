@@ -58,11 +58,12 @@ class TensorSchema:
 
 
 def quantized_schema() -> tuple[TensorSchema, ...]:
-    """The tensors stored for one quantized linear `NAME` (as NAME.suffix)."""
+    """The tensors stored for one quantized linear `NAME` (as NAME.suffix); zero points are packed along the
+    output dimension (as GPTQ's qzeros), so that few groups per row do not waste a padded word each."""
     return (
         TensorSchema("qweight", torch.int32, lambda q, p, b, G: (q, packed_words(p, b))),
         TensorSchema("scales", torch.float16, lambda q, p, b, G: (q, G)),
-        TensorSchema("qzeros", torch.int32, lambda q, p, b, G: (q, packed_words(G, b)), lambda sym, perm: not sym),
+        TensorSchema("qzeros", torch.int32, lambda q, p, b, G: (G, packed_words(q, b)), lambda sym, perm: not sym),
         TensorSchema("g_idx", torch.int32, lambda q, p, b, G: (p,), lambda sym, perm: perm),
     )
 
@@ -79,7 +80,7 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     out = {
         "qweight": pack(qw.codes.cpu(), qw.bits),
         "scales": grid.scale.cpu().to(torch.float16),
-        "qzeros": pack(grid.zero.cpu().to(torch.uint8), qw.bits),
+        "qzeros": pack(grid.zero.cpu().T.to(torch.uint8), qw.bits),  # along q, as GPTQ
         "g_idx": grid.g_idx.cpu().to(torch.int32),
     }
     perm = not _contiguous(grid.g_idx, G)
@@ -99,7 +100,7 @@ def decode_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple
     codes = unpack(tensors["qweight"], bits, p)
     scale = tensors["scales"].float()
     if "qzeros" in tensors:
-        zero = unpack(tensors["qzeros"], bits, G).float()
+        zero = unpack(tensors["qzeros"], bits, q).T.float()
     else:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     g_idx = tensors["g_idx"].long() if "g_idx" in tensors else torch.arange(p, device=scale.device) // (p // G)

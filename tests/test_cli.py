@@ -1,0 +1,89 @@
+"""The command line: end to end on a tiny model, and one-line errors with distinct exit codes on bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantease.cli import main
+from quantease.errors import CheckpointError, ModelNotFound, UnsupportedModel, UsageError
+
+from conftest import save_tiny_model
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_quantize_then_eval(tiny_llama, calib_file, tmp_path):
+    out = tmp_path / "q"
+    res = run("quantize", str(tiny_llama), "--out", str(out), "--bits", "4", "--group-size", "32", "--calib",
+              str(calib_file), "--nsamples", "4", "--seqlen", "64", "--quiet", "--ppl", str(calib_file), "--ppl-seqlen",
+              "64", "--ppl-limit", "3")
+    assert res.exit_code == 0, res.output
+    assert "bits/weight" in res.output and "perplexity" in res.output
+    info = json.loads((out / "quantease.json").read_text())
+    assert info["config"]["bits"] == 4 and info["config"]["group_size"] == 32
+    assert info["calibration"]["nsamples"] == 4 and len(info["calibration"]["tokens_sha256"]) == 64
+    # codes + fp16 scale and packed zero per 32 weights: 4 + (16 + 4) / 32 bits
+    assert info["summary"]["bits_per_weight"] == pytest.approx(4 + 20 / 32)
+    assert all(0 <= layer["rel_error"] < 0.1 for layer in info["layers"].values())
+
+    json_out = tmp_path / "ppl.json"
+    res = run("eval", str(out), "--ppl", str(calib_file), "--seqlen", "64", "--limit", "2", "--quiet", "--json",
+              str(json_out))
+    assert res.exit_code == 0, res.output
+    result = json.loads(json_out.read_text())[str(out)][0]
+    assert result["windows"] == 2 and result["tokens"] == 2 * 63 and result["ppl"] > 1
+    saved = json.loads((out / "eval.json").read_text())["perplexity"]
+    assert any(v["ppl"] == result["ppl"] for v in saved.values())
+
+
+def _bad(args: list[str], error: type, message: str, out=None):
+    res = run(*args)
+    assert res.exit_code == error.exit_code, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+    assert "Traceback" not in res.output
+    if out is not None:
+        assert not (out / "manifest.json").exists()
+
+
+def test_bad_inputs_exit_with_one_line(tiny_llama, calib_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32", "--quiet"]
+    _bad(["quantize", str(tmp_path / "missing"), *common], ModelNotFound, "neither a local folder", out)
+    _bad(["quantize", str(tiny_llama), *common, "--bits", "9"], UsageError, "bits must be in 2..8", out)
+    _bad(["quantize", str(tiny_llama), *common, "--group-size", "48"], UsageError, "does not divide", out)
+    _bad(["quantize", str(tiny_llama), *common, "--method", "nope"], UsageError, "available: ", out)
+    _bad(["quantize", str(tiny_llama), *common, "-o", "sweeps=2"], UsageError, "unknown option", out)
+    _bad(["quantize", str(tiny_llama), *common[:-5], "--nsamples", "1000", "--seqlen", "2048"], type(
+        "DataError", (), {"exit_code": 5}), "tokens but nsamples x seqlen", out)
+
+    from transformers import GPT2Config
+
+    gpt2 = save_tiny_model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300), tokenizer_dir, tmp_path / "gpt2")
+    _bad(["quantize", str(gpt2), *common], UnsupportedModel, "supported: llama, opt", out)
+
+    pickle_only = tmp_path / "pickle"
+    pickle_only.mkdir()
+    (pickle_only / "config.json").write_text("{}")
+    (pickle_only / "pytorch_model.bin").write_bytes(b"")
+    _bad(["quantize", str(pickle_only), *common], ModelNotFound, "no .safetensors weights", out)
+
+
+def test_existing_output_needs_overwrite_and_incomplete_is_refused(tiny_llama, calib_file, tmp_path):
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--out", str(out), "--calib", str(calib_file), "--nsamples", "2",
+            "--seqlen", "32", "--quiet"]
+    assert run(*args).exit_code == 0
+    _bad(args, CheckpointError, "--overwrite")
+    assert run(*args, "--overwrite").exit_code == 0
+    (out / "manifest.json").unlink()
+    _bad(["eval", str(out), "--ppl", str(calib_file), "--seqlen", "32"], CheckpointError, "not a complete")
+
+
+def test_help_shows_examples():
+    res = run("quantize", "--help")
+    assert res.exit_code == 0 and "Examples:" in res.output and "--group-size" in res.output
