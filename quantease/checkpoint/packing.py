@@ -28,6 +28,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
     rows, n = codes.shape
     words = packed_words(n, bits)
+    if 32 % bits == 0:  # whole fields per word: shift each into place and sum
+        per_word = 32 // bits
+        fields = torch.nn.functional.pad(codes.to(torch.int64), (0, words * per_word - n)).reshape(rows, words, per_word)
+        value = (fields << torch.arange(0, 32, bits, device=codes.device)).sum(-1)
+        return (value - ((value >> 31) << 32)).to(torch.int32)
     out = torch.empty(rows, words, dtype=torch.int32, device=codes.device)
     shifts = torch.arange(bits, device=codes.device)
     weights = torch.ones(32, dtype=torch.int64, device=codes.device) << torch.arange(32, device=codes.device)

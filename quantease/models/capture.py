@@ -93,12 +93,12 @@ class GramAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, p]
-        if not torch.isfinite(x).all():
-            raise NumericalError("non-finite activations (NaN/Inf) at a linear layer's input")
         self.sum += (x.T @ x).double()
         self.count += x.shape[0]
 
     def sigma(self) -> torch.Tensor:
+        if not torch.isfinite(self.sum).all():  # any NaN/Inf input reaches the sum
+            raise NumericalError("non-finite activations (NaN/Inf) at a linear layer's input")
         return (self.sum / max(self.count, 1)).float()
 
 

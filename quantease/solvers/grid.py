@@ -67,14 +67,26 @@ class Grid:
         g = self.g_idx if idx is None else self.g_idx[idx]
         return self.scale[:, g], self.zero[:, g]
 
-    def quantize(self, W: torch.Tensor) -> torch.Tensor:
-        """Nearest codes of W [q, p] on this grid (int64-valued float tensor)."""
+    def _contiguous(self) -> bool:
+        q, G = self.scale.shape
+        p = self.g_idx.numel()
+        return p % G == 0 and bool((self.g_idx == torch.arange(p, device=self.g_idx.device) // (p // G)).all())
+
+    def _apply(self, W: torch.Tensor, fn) -> torch.Tensor:
+        """fn(W_g, s, z) per group with broadcasting; a reshape for contiguous groups, a gather otherwise."""
+        q, G = self.scale.shape
+        if self._contiguous():
+            out = fn(W.reshape(q, G, -1), self.scale[..., None], self.zero[..., None])
+            return out.reshape(W.shape)
         s, z = self.columns()
-        return torch.clamp(torch.round(W / s) + z, 0, self.maxq)
+        return fn(W, s, z)
+
+    def quantize(self, W: torch.Tensor) -> torch.Tensor:
+        """Nearest codes of W [q, p] on this grid (integer-valued float tensor)."""
+        return self._apply(W, lambda w, s, z: torch.clamp(torch.round(w / s) + z, 0, self.maxq))
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        s, z = self.columns()
-        return s * (codes.to(s.dtype) - z)
+        return self._apply(codes.to(self.scale.dtype), lambda c, s, z: s * (c - z))
 
     def round(self, W: torch.Tensor) -> torch.Tensor:
         """Nearest grid point of each entry of W: dequantize(quantize(W))."""
