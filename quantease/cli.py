@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ Examples:
   quantease quantize ./Llama-3-8B --out out/l3-w3 --bits 3 --group-size 128 --method quantease --device cuda
   quantease quantize smollm2-135m --out out/w4 --calib mytext.txt --nsamples 32 --seqlen 512
 """
+
+
+class _EchoHandler(logging.Handler):
+    """Library log messages go to stderr through click, so every frontend (shell, CliRunner) shows them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
 
 
 class _Main(click.Group):
@@ -49,6 +57,9 @@ def _csv(value: str | None) -> list[str]:
 def main(ctx: click.Context, debug: bool) -> None:
     """Post-training weight quantization of causal LMs: QuantEase, GPTQ and RTN, one decoder block at a time."""
     ctx.obj = {"debug": debug}
+    logger = logging.getLogger("quantease")
+    logger.handlers[:] = [_EchoHandler()]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 @main.command(epilog=EXAMPLES_QUANTIZE)
@@ -74,13 +85,17 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="The next block sees the quantized block's outputs (else the original's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
 @click.option("--ppl", default=None, help="After quantizing, perplexity of the original and quantized model on these "
               "datasets (e.g. ptb,wiki).")
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, out, options, overwrite, ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
-    """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out."""
+def quantize(model, out, options, overwrite, restart, ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+    """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
+
+    An interrupted run continues from its last finished block when the same command is run again.
+    """
     from . import api
     from .errors import UsageError
     from .report import print_layers_summary
@@ -92,7 +107,7 @@ def quantize(model, out, options, overwrite, ppl, ppl_seqlen, ppl_limit, quiet, 
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
         parsed[key.strip()] = _parse_value(value)
     config = api.QuantConfig(model=model, out=out, method_options=parsed, **settings)
-    folder = api.quantize(config, overwrite=overwrite, progress=not quiet)
+    folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
     print_layers_summary(folder)
     if ppl:
         _print_ppl([model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, settings["device"], quiet)

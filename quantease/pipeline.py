@@ -2,17 +2,20 @@
 
     capture block-0 inputs  ->  for each block i:
         load block i  ->  for each group of linears (data-flow order): Σ of its input -> solve each linear -> Ŵ in place
-        ->  run the quantized block to get block i+1's inputs  ->  write block i's shard  ->  unload block i
+        ->  run the quantized block to get block i+1's inputs  ->  write block i's shard and the resume state
+        ->  unload block i
     ->  index, config, quantease.json, manifest (last)
 
-The driver knows solvers only through the registry entry (name, options, `requires_calibration`), never by type.
+The driver knows solvers only through the registry entry (name, options), never by type. A rerun of the same
+command continues after the last finished block (see checkpoint/resume.py).
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,22 +24,24 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__
-from .checkpoint.native import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointWriter, effective_bits, encode
+from .checkpoint.native import FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, CheckpointWriter, effective_bits, encode
+from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, fingerprint, tokenize
-from .errors import CheckpointError, NumericalError, UsageError
+from .errors import CheckpointError, NumericalError, ResourceError, UsageError
 from .models.capture import BlockInputs, capture_first_block, collect_sigmas, run_block
 from .models.reader import LazyModel, resolve_model_path
 from .solvers import GridSpec, SolveResult, get_solver
 
-__all__ = ["quantize", "resolve_device", "LayerRecord"]
+__all__ = ["quantize", "quantize_block", "resolve_device", "LayerRecord"]
 
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "chat_template.jinja", "generation_config.json",
 ]
 SigmaObserver = Callable[[int, str, torch.Tensor], None]
+log = logging.getLogger("quantease")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,41 +59,15 @@ class LayerRecord:
     seconds: float
     tensors: dict[str, torch.Tensor]
 
-    def info(self, q: int, p: int, spec: GridSpec, method: str) -> dict[str, Any]:
+    def info(self, spec: GridSpec, method: str) -> dict[str, Any]:
         r = self.result
+        q, p = r.weight.shape
         return {
             "out_features": q, "in_features": p, "bits": spec.bits, "group_size": spec.group_size,
             "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method,
             "loss": r.loss, "rel_error": r.loss / self.reference if self.reference > 0 else 0.0,
-            "history": r.history, "notes": r.notes, "seconds": round(self.seconds, 4),
-            "bits_per_weight": effective_bits(self.tensors, q, p),
+            "history": r.history, "notes": r.notes, "bits_per_weight": effective_bits(self.tensors, q, p),
         }
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a complete checkpoint" if (out / MANIFEST).exists() else "files"
-            raise CheckpointError(f"output folder {out} already holds {what}; pass --overwrite to replace it")
-        (out / MANIFEST).unlink(missing_ok=True)  # first, so the folder never looks complete while replaced
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
-    """Fail before any work if the group size does not divide some layer's input size."""
-    for param, key in lazy.block_tensor_names(0).items():
-        module = param.removeprefix(lazy.block_prefix(0)).removesuffix(".weight")
-        if module in lazy.arch.linears and param.endswith(".weight"):
-            try:
-                spec.groups(lazy.index.shape(key)[1])
-            except ValueError as e:
-                raise UsageError(f"{e} (layer {module})") from None
-
-
-def _calibration(config: QuantConfig, tokenizer) -> torch.Tensor:
-    tokens = tokenize(tokenizer, load_text(config.calib, "calib"))
-    return calibration_windows(tokens, config.nsamples, config.seqlen, config.seed)
 
 
 def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig) -> LayerRecord:
@@ -135,76 +114,174 @@ def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> 
     return tensors
 
 
+def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
+    """Fail before any work if the group size does not divide some layer's input size."""
+    for param, key in lazy.block_tensor_names(0).items():
+        module = param.removeprefix(lazy.block_prefix(0)).removesuffix(".weight")
+        if module in lazy.arch.linears and param.endswith(".weight"):
+            try:
+                spec.groups(lazy.index.shape(key)[1])
+            except ValueError as e:
+                raise UsageError(f"{e} (layer {module})") from None
+
+
+def _check_disk(out: Path, lazy: LazyModel, config: QuantConfig) -> None:
+    """Refuse to start when the output (and the resume state) cannot fit on the output's file system."""
+    weights = sum(lazy.index.shape(k)[0] * lazy.index.shape(k)[1] for i in range(len(lazy.blocks))
+                  for p, k in lazy.block_tensor_names(i).items() if p.endswith(".weight") and len(lazy.index.shape(k)) == 2)
+    outer = sum(4 * torch.Size(lazy.index.shape(lazy.checkpoint_name(n))).numel() for n in lazy.outer_params())
+    resume = 2 * 4 * config.nsamples * config.seqlen * lazy.config.hidden_size
+    need = weights * (config.bits + 1) // 8 + outer + resume
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ResourceError(f"not enough disk space in {out}: about {need / 2**30:.2f} GiB needed, "
+                            f"{free / 2**30:.2f} GiB free")
+
+
+def _open_output(out: Path, fp: Fingerprint, overwrite: bool, restart: bool) -> ResumeState | None:
+    """The resume state to continue from, a fresh one, or None when the same run already completed."""
+    state = ResumeState(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        done = Fingerprint(**json.loads((out / INFO).read_text())["fingerprint"])
+        if done == fp:
+            log.info("%s is already complete with the same model, calibration and settings; nothing to do", out)
+            return None
+        raise CheckpointError(f"{out} holds a complete checkpoint made from different "
+                              f"{' and '.join(fp.differences(done))}; pass --overwrite to replace it")
+    if state.exists() and not (overwrite or restart):
+        diffs = fp.differences(state.fingerprint())
+        if diffs:
+            raise CheckpointError(f"{out} holds a partial run made from different {' and '.join(diffs)}; "
+                                  f"pass --restart to start over")
+        if state.load() is not None:
+            log.info("resuming the partial run in %s", out)
+        return state
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite or state.exists()):
+            raise CheckpointError(f"output folder {out} already holds other files; pass --overwrite to replace them")
+        (out / MANIFEST).unlink(missing_ok=True)  # first, so the folder never looks complete while replaced
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state.start(fp)
+    return state
+
+
+def _settings(config: QuantConfig) -> dict[str, Any]:
+    """What determines the result: everything but where it goes and which device computes it."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}
+
+
+class _Run:
+    """One quantization run: the state that the block loop carries from block to block."""
+
+    def __init__(self, config: QuantConfig, device: torch.device, lazy: LazyModel, out: Path, resume: ResumeState):
+        self.config, self.device, self.lazy, self.out, self.resume = config, device, lazy, out, resume
+        self.writer = CheckpointWriter(out)
+        self.layers: dict[str, Any] = {}
+        self.log: dict[str, Any] = {"capture_s": 0.0, "blocks_s": [], "layer_s": {}, "resumed_at": []}
+
+    def first_inputs(self, windows: torch.Tensor) -> tuple[int, BlockInputs]:
+        t0 = time.perf_counter()
+        self.lazy.load_outer(self.device)
+        inputs = capture_first_block(self.lazy.model, self.lazy.blocks[0],
+                                     windows.split(self.config.calib_batch_size), self.device)
+        self.lazy.unload_outer()
+        saved = self.resume.load()
+        if saved is None:
+            self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
+                                           for n in self.lazy.outer_params()})
+            self.log["capture_s"] = round(time.perf_counter() - t0, 3)
+            return 0, inputs
+        start, self.layers, self.log, hidden = saved
+        self.log["resumed_at"].append(start)
+        return start, BlockInputs([h.to(self.device) for h in hidden], inputs.kwargs)
+
+    def block(self, i: int, inputs: BlockInputs, observe: SigmaObserver | None) -> BlockInputs:
+        t0 = time.perf_counter()
+        block = self.lazy.load_block(i, self.device)
+        obs = (lambda name, s: observe(i, name, s)) if observe else None
+        try:
+            records, outputs = quantize_block(block, self.lazy.arch.groups, inputs, self.config, obs)
+        except torch.OutOfMemoryError:
+            raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
+                                f"(now {self.config.calib_batch_size}) or --nsamples, or use --device cpu") from None
+        self.writer.write_shard(i, _block_tensors(self.lazy, i, records))
+        self.lazy.unload_block(i)
+        prefix = self.lazy.block_prefix(i)
+        for name, rec in records.items():
+            self.layers[prefix + name] = rec.info(self.config.grid(), self.config.method)
+            self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
+        self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
+        last = i + 1 == len(self.lazy.blocks)
+        self.resume.save(i + 1, self.layers, self.log, [] if last else outputs.hidden)
+        fault_point(f"block:{i}")
+        return outputs
+
+    def finish(self, model_path: Path, calib_sha: str, fp: Fingerprint, started: float) -> None:
+        self.log["total_s"] = round(time.perf_counter() - started, 3)
+        self.writer.copy_files(model_path, TOKENIZER_FILES)
+        self.writer.write_json(RUN_LOG, self.log)
+        model_config = json.loads((model_path / "config.json").read_text())
+        c = self.config
+        model_config["quantization_config"] = {"quant_method": "quantease", "bits": c.bits, "group_size": c.group_size}
+        self.writer.finalize(model_config, _info(c, self.lazy, model_path, calib_sha, fp, self.layers))
+        self.resume.clear()
+
+
 def quantize(
-    config: QuantConfig, overwrite: bool = False, progress: bool = True, observe: SigmaObserver | None = None
+    config: QuantConfig, overwrite: bool = False, restart: bool = False, progress: bool = True,
+    observe: SigmaObserver | None = None,
 ) -> Path:
-    """Quantize config.model into config.out; return the output folder. `observe(block, layer, Σ)` sees each Σ."""
+    """Quantize config.model into config.out and return the folder; `observe(block, layer, Σ)` sees each Σ.
+
+    Rerunning after an interruption continues where it stopped; a finished identical run is left as it is.
+    """
     if not config.out:
         raise UsageError("no output folder given (--out)")
     started = time.perf_counter()
     device = resolve_device(config.device)
     path = resolve_model_path(config.model)
     lazy = LazyModel(path)
-    spec = config.grid()
-    _check_shapes(lazy, spec)
+    _check_shapes(lazy, config.grid())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = _calibration(config, tokenizer)
+    windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
+                                  config.seqlen, config.seed)
+    calib_sha = fingerprint(windows)
+    fp = Fingerprint.of(path, calib_sha, _settings(config))
     out = Path(config.out)
-    _prepare_output(out, overwrite)
-    writer = CheckpointWriter(out)
-    writer.write_shard(None, {n: lazy.index.get(lazy.checkpoint_name(n)) for n in lazy.outer_params()})
-
-    t0 = time.perf_counter()
-    lazy.load_outer(device)
-    inputs = capture_first_block(lazy.model, lazy.blocks[0], windows.split(config.calib_batch_size), device)
-    lazy.unload_outer()
-    timings = {"capture_s": time.perf_counter() - t0, "blocks_s": []}
-
-    layers: dict[str, Any] = {}
-    bar = tqdm(range(len(lazy.blocks)), desc="quantize", unit="block", disable=not progress)
+    resume = _open_output(out, fp, overwrite, restart)
+    if resume is None:
+        return out
+    _check_disk(out, lazy, config)
+    run = _Run(config, device, lazy, out, resume)
+    start, inputs = run.first_inputs(windows)
+    bar = tqdm(range(start, len(lazy.blocks)), desc="quantize", unit="block", disable=not progress,
+               initial=start, total=len(lazy.blocks))
     for i in bar:
-        t0 = time.perf_counter()
-        block = lazy.load_block(i, device)
-        obs = (lambda name, s, i=i: observe(i, name, s)) if observe else None
-        records, inputs = quantize_block(block, lazy.arch.groups, inputs, config, obs)
-        writer.write_shard(i, _block_tensors(lazy, i, records))
-        lazy.unload_block(i)
-        for name, rec in records.items():
-            q, p = rec.result.weight.shape
-            layers[f"{lazy.block_prefix(i)}{name}"] = rec.info(q, p, spec, config.method)
-        timings["blocks_s"].append(round(time.perf_counter() - t0, 3))
-        errs = [layers[f"{lazy.block_prefix(i)}{n}"]["rel_error"] for n in records]
-        bar.set_postfix(sec=f"{timings['blocks_s'][-1]:.1f}", rel_err=f"{sum(errs) / len(errs):.4f}")
-
-    timings["total_s"] = round(time.perf_counter() - started, 3)
-    info = _info(config, lazy, path, windows, layers, timings)
-    writer.copy_files(path, TOKENIZER_FILES)
-    model_config = json.loads((path / "config.json").read_text())
-    model_config["quantization_config"] = {"quant_method": "quantease", "bits": config.bits, "group_size": config.group_size}
-    writer.finalize(model_config, info)
+        inputs = run.block(i, inputs, observe)
+        bar.set_postfix(sec=f"{run.log['blocks_s'][-1]:.1f}")
+    run.finish(path, calib_sha, fp, started)
     return out
 
 
-def _info(config, lazy, path, windows, layers, timings) -> dict[str, Any]:
+def _info(config: QuantConfig, lazy: LazyModel, path: Path, calib_sha: str, fp: Fingerprint,
+          layers: dict[str, Any]) -> dict[str, Any]:
     stored = sum(l["bits_per_weight"] * l["in_features"] * l["out_features"] for l in layers.values())
     weights = sum(l["in_features"] * l["out_features"] for l in layers.values())
-    notes = [f"{name}: {n}" for name, l in layers.items() for n in l["notes"]]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
         "config": config.to_dict(),
         "model": {"source": str(path), "model_type": lazy.config.model_type, "blocks": len(lazy.blocks)},
-        "calibration": {
-            "source": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed,
-            "tokens_sha256": fingerprint(windows),
-        },
+        "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen,
+                        "seed": config.seed, "tokens_sha256": calib_sha},
+        "fingerprint": asdict(fp),
         "summary": {
             "quantized_layers": len(layers),
             "bits_per_weight": stored / weights,
             "mean_rel_error": sum(l["rel_error"] for l in layers.values()) / len(layers),
-            "fallbacks": notes,
+            "fallbacks": [f"{name}: {n}" for name, l in layers.items() for n in l["notes"]],
         },
-        "timings": timings,
         "layers": layers,
     }

@@ -1,6 +1,7 @@
 """Human-readable tables of quantization and evaluation results."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -13,12 +14,14 @@ __all__ = ["print_layers_summary", "perplexity_table"]
 
 def print_layers_summary(folder: Path) -> None:
     info = read_info(folder)
+    run = json.loads((Path(folder) / "run.json").read_text()) if (Path(folder) / "run.json").exists() else {}
     s, c = info["summary"], info["config"]
     group = "per-channel" if c["group_size"] == -1 else f"group {c['group_size']}"
     click.echo(
         f"wrote {folder}: {s['quantized_layers']} layers, {c['method']} W{c['bits']} {group} "
         f"{'sym' if c['sym'] else 'asym'}, {s['bits_per_weight']:.3f} bits/weight, "
-        f"mean relative layer error {s['mean_rel_error']:.5f}, {info['timings']['total_s']:.0f} s"
+        f"mean relative layer error {s['mean_rel_error']:.5f}"
+        + (f", {run['total_s']:.0f} s" if "total_s" in run else "")
     )
     for note in s["fallbacks"]:
         click.echo(f"  fallback: {note}")

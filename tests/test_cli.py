@@ -78,8 +78,12 @@ def test_existing_output_needs_overwrite_and_incomplete_is_refused(tiny_llama, c
     args = ["quantize", str(tiny_llama), "--out", str(out), "--calib", str(calib_file), "--nsamples", "2",
             "--seqlen", "32", "--quiet"]
     assert run(*args).exit_code == 0
-    _bad(args, CheckpointError, "--overwrite")
-    assert run(*args, "--overwrite").exit_code == 0
+    before = (out / "manifest.json").stat().st_mtime_ns
+    again = run(*args)  # the same run again: nothing to do
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+    _bad([*args, "--bits", "3"], CheckpointError, "different settings; pass --overwrite")
+    assert run(*args, "--bits", "3", "--overwrite").exit_code == 0
     (out / "manifest.json").unlink()
     _bad(["eval", str(out), "--ppl", str(calib_file), "--seqlen", "32"], CheckpointError, "not a complete")
 

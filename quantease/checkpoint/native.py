@@ -7,6 +7,7 @@ Layout of DIR:
                                     tensors (norms, biases) unchanged
   model.safetensors.index.json      tensor name -> shard, as transformers writes for sharded models
   quantease.json                    settings, calibration fingerprint, per-layer errors, timings, effective bits
+  run.json                          timings of the run that made it (varies run to run; not covered by the manifest)
   manifest.json                     size and sha256 of every file above; written last, so a folder without it is
                                     incomplete and every reader refuses it
 
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..solvers.base import QuantizedWeight
 from ..solvers.grid import Grid
 from .packing import pack, packed_words, unpack
+from .resume import fault_point
 
 __all__ = [
     "FORMAT",
@@ -46,6 +49,7 @@ FORMAT = "quantease-native"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "quantease.json"
+RUN_LOG = "run.json"  # timings of this particular run: not part of the checkpoint, so not in the manifest
 OUTER_SHARD = "model-outer.safetensors"
 
 
@@ -129,6 +133,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.chmod(tmp, 0o644)
+    fault_point(f"write:{path.name}")
     os.replace(tmp, path)
 
 
@@ -147,7 +152,6 @@ class CheckpointWriter:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.weight_map: dict[str, str] = {}
 
     def shard_name(self, block: int | None) -> str:
         return OUTER_SHARD if block is None else f"model-block-{block:05d}.safetensors"
@@ -156,7 +160,6 @@ class CheckpointWriter:
         name = self.shard_name(block)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        self.weight_map.update({k: name for k in tensors})
 
     def write_json(self, name: str, obj: Any) -> None:
         _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False)))
@@ -166,11 +169,20 @@ class CheckpointWriter:
             if (src / n).is_file():
                 _atomic_write_bytes(self.out / n, lambda tmp, n=n: shutil.copyfile(src / n, tmp))
 
+    def weight_map(self) -> dict[str, str]:
+        """Tensor -> shard, read from the shards on disk (a resumed run wrote some of them in an earlier process)."""
+        out: dict[str, str] = {}
+        for f in sorted(self.out.glob("model-*.safetensors")):
+            with safe_open(f, "pt") as h:
+                out.update({k: f.name for k in h.keys()})
+        return dict(sorted(out.items()))
+
     def finalize(self, config: dict[str, Any], info: dict[str, Any]) -> None:
-        self.write_json("model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))})
+        self.write_json("model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map()})
         self.write_json("config.json", config)
         self.write_json(INFO, info)
-        files = sorted(p.name for p in self.out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+        files = sorted(p.name for p in self.out.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.name not in (MANIFEST, RUN_LOG, "eval.json"))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

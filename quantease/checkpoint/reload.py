@@ -12,14 +12,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import CheckpointError
 from ..nn import QuantLinear
-from .native import INFO, dequantize_tensors, quantized_schema, read_manifest
+from .native import INFO, MANIFEST, dequantize_tensors, quantized_schema, read_manifest
+from .resume import RESUME_DIR
 
 __all__ = ["is_quantized_checkpoint", "load_quantized", "read_info"]
 
 
 def is_quantized_checkpoint(folder: str | Path) -> bool:
+    """A quantease output folder, complete or not (a partial one is refused by `read_info`)."""
     folder = Path(folder)
-    return (folder / INFO).exists() or (folder / "manifest.json").exists()
+    return any((folder / name).exists() for name in (INFO, MANIFEST, RESUME_DIR))
 
 
 def read_info(folder: Path) -> dict[str, Any]:

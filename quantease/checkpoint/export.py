@@ -1,0 +1,212 @@
+"""Export a finished quantease checkpoint to a format that other tools load (compressed-tensors, GPTQ).
+
+`export_checkpoint(src, dst, fmt)` refuses incomplete sources and layers the target cannot hold, has the format's
+exporter write a whole folder under a hidden temporary name beside `dst`, and renames it into place: `dst` is either
+absent, the previous folder untouched, or a complete export. Exported folder:
+
+  config.json                    the source config, quantization_config replaced by the target format's
+  tokenizer, generation files    copied unchanged
+  model-*.safetensors            one shard per source shard: quantized linears in the target layout, the rest unchanged
+  model.safetensors.index.json   tensor -> shard
+  quantease-export.json          format, source and size/sha256 of every file above; written last. Not called
+                                 manifest.json: an export is not a quantease checkpoint, and our readers must not
+                                 take it for one (they detect ours by manifest.json)
+
+Each exporter is `fn(src, dst) -> None` registered under the name written to the CLI's --format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..errors import CheckpointError, UsageError
+from .native import INFO, MANIFEST, RUN_LOG, CheckpointWriter, _atomic_write_bytes, _sha256, quantized_schema, read_manifest
+
+__all__ = ["EXPORTERS", "EXPORT_MANIFEST", "Exporter", "Source", "register", "get_exporter", "export_checkpoint",
+           "read_source", "require", "linear_names", "write_export"]
+
+EXPORT_MANIFEST = "quantease-export.json"
+Exporter = Callable[[Path, Path], None]
+LayerConverter = Callable[[str, dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]]
+EXPORTERS: dict[str, Exporter] = {}
+
+_NATIVE_FILES = {INFO, MANIFEST, RUN_LOG, "eval.json", "config.json", "model.safetensors.index.json"}
+_NATIVE_ONLY_KEYS = ("outliers", "parts")  # sparse outliers / FFSplit parts: no exported format stores them
+
+
+def register(name: str) -> Callable[[Exporter], Exporter]:
+    """Decorator: file `fn` under `name` (the --format string); a duplicate name raises."""
+    def add(fn: Exporter) -> Exporter:
+        if name in EXPORTERS:
+            raise ValueError(f"export format {name!r} registered twice")
+        EXPORTERS[name] = fn
+        return fn
+    return add
+
+
+def get_exporter(fmt: str) -> Exporter:
+    key = fmt.strip().lower().replace("_", "-")
+    if key not in EXPORTERS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(sorted(EXPORTERS))}")
+    return EXPORTERS[key]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A complete quantease checkpoint: its folder, config.json, quantease.json and manifest."""
+
+    folder: Path
+    config: dict[str, Any]
+    info: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self.info["layers"]
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        return json.loads((self.folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def act_order(self, layer: str) -> bool:
+        """Whether the layer's groups are non-contiguous (GPTQ act-order), i.e. it stores NAME.g_idx."""
+        return f"{layer}.g_idx" in self.weight_map
+
+    def extra_files(self) -> list[str]:
+        """Tokenizer, generation config and other files of the source model, copied as they are."""
+        return sorted(n for n in self.manifest["files"] if n not in _NATIVE_FILES and not n.endswith(".safetensors"))
+
+
+def read_source(src: str | Path, fmt: str) -> Source:
+    """The checkpoint in `src`; refuses a folder that is not a finished quantease checkpoint, or that has layers
+    no exported format can hold."""
+    folder = Path(src)
+    manifest = read_manifest(folder)
+    if manifest.get("format") != "quantease-native" or not (folder / INFO).is_file():
+        raise CheckpointError(f"{folder} is not a quantease checkpoint (manifest format {manifest.get('format')!r}); "
+                              f"export reads what `quantease quantize` wrote")
+    info = json.loads((folder / INFO).read_text())
+    source = Source(folder, json.loads((folder / "config.json").read_text()), info, manifest)
+    _check_native_only(source, fmt)
+    return source
+
+
+def require(ok: bool, layer: str, fmt: str, why: str, instead: str) -> None:
+    """Refuse (UsageError) unless `ok`, naming the layer, the reason and a format that can hold it."""
+    if not ok:
+        raise UsageError(f"cannot export {layer} to {fmt}: {why}; {instead}")
+
+
+def _check_native_only(source: Source, fmt: str) -> None:
+    for name, meta in source.layers.items():
+        for key in _NATIVE_ONLY_KEYS:
+            require(key not in meta, name, fmt, f"it stores {key!r} that {fmt} has no place for",
+                    "use the native format (keep the quantease checkpoint as it is)")
+
+
+def linear_names(source: Source) -> list[str]:
+    """Names of every nn.Linear in the source's model (built on the meta device from config.json, no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _convert_shard(tensors: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]],
+                   convert: LayerConverter) -> dict[str, torch.Tensor]:
+    """Replace each quantized layer's native tensors (NAME.qweight, ...) in one shard by the converter's."""
+    suffixes = [s.suffix for s in quantized_schema()]
+    out = dict(tensors)
+    for name in sorted({k.rpartition(".")[0] for k in tensors} & layers.keys()):
+        parts = {s: out.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in out}
+        out.update({f"{name}.{s}": t.contiguous() for s, t in convert(name, parts, layers[name]).items()})
+    return out
+
+
+class _ExportWriter(CheckpointWriter):
+    """CheckpointWriter (atomic files) that keeps the source's shard names and ends with the export manifest."""
+
+    def write_named_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    def finalize_export(self, config: dict[str, Any], record: dict[str, Any]) -> None:
+        self.write_json("model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map()})
+        self.write_json("config.json", config)
+        files = sorted(p.name for p in self.out.iterdir() if p.is_file() and not p.name.startswith("."))
+        record["files"] = {n: {"bytes": (self.out / n).stat().st_size, "sha256": _sha256(self.out / n)} for n in files}
+        self.write_json(EXPORT_MANIFEST, record)
+
+
+def write_export(source: Source, dst: Path, fmt: str, quantization_config: dict[str, Any],
+                 convert: LayerConverter) -> None:
+    """Write the whole exported folder into `dst`: shards (converted), extra files, config, index, export manifest."""
+    writer = _ExportWriter(dst)
+    for shard in source.shards():
+        writer.write_named_shard(shard, _convert_shard(load_file(source.folder / shard), source.layers, convert))
+    writer.copy_files(source.folder, source.extra_files())
+    config = {**source.config, "quantization_config": quantization_config}
+    record = {"format": fmt, "tool_version": __version__,
+              "source": {"folder": str(source.folder.resolve()), "quantease.json": source.manifest["files"][INFO]}}
+    writer.finalize_export(config, record)
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` folder to `dst`; an existing `dst` is moved aside first and deleted after."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    os.replace(tmp, dst)
+    shutil.rmtree(old)
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, fmt: str, overwrite: bool = False) -> Path:
+    """Export the quantease checkpoint `src` to `dst` in format `fmt` (a key of EXPORTERS); returns `dst`."""
+    exporter = get_exporter(fmt)
+    src, dst = Path(src), Path(dst)
+    read_source(src, fmt)  # fail before touching dst
+    if dst.resolve() == src.resolve():
+        raise UsageError(f"--out {dst} is the source checkpoint; export to a new folder")
+    if dst.exists() and not (overwrite and dst.is_dir()):
+        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it, or choose another --out")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        exporter(src, tmp)
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def uniform(values: Iterable[Any]) -> bool:
+    return len(set(values)) <= 1
+
+
+# The exporters register themselves on import (they import the helpers above, so they are imported last).
+from . import compressed_tensors as _compressed_tensors  # noqa: E402,F401
+from . import gptq as _gptq  # noqa: E402,F401

@@ -1,0 +1,112 @@
+"""Resumable runs: after every block the output folder holds enough to continue from the next one.
+
+DIR/.resume/fingerprint.json   what the run is made of: model files, calibration tokens, settings (written first)
+DIR/.resume/state.json         the next block to quantize and the per-layer records so far (written last per block)
+DIR/.resume/inputs-K.safetensors  block K's calibration inputs (fp32, exact); only the one state.json names is kept
+
+A rerun with the same fingerprint continues after the last block whose state was written; every file is replaced
+atomically, so a kill at any instant leaves either the old or the new state. The other arguments block 0 receives
+(masks, rotary tables) are recomputed from the embeddings, which is cheap and exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["Fingerprint", "model_fingerprint", "ResumeState", "fault_point"]
+
+RESUME_DIR = ".resume"
+
+
+def fault_point(name: str) -> None:
+    """Testing hook: QUANTEASE_FAULT=name kills this process with SIGKILL here, like a preempted job."""
+    if os.environ.get("QUANTEASE_FAULT") == name:
+        os.kill(os.getpid(), 9)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_fingerprint(folder: Path) -> str:
+    """config.json plus each safetensors file's name, size and header (tensor names, dtypes, offsets): cheap even for
+    hundreds of GB, and it changes whenever the weights file is replaced by a different one."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(n))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    model: str
+    calibration: str
+    settings: str
+
+    @classmethod
+    def of(cls, model_folder: Path, calibration_sha: str, settings: dict[str, Any]) -> "Fingerprint":
+        return cls(model_fingerprint(model_folder), calibration_sha, _sha(json.dumps(settings, sort_keys=True).encode()))
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        names = {"model": "model files", "calibration": "calibration data", "settings": "settings"}
+        return [names[k] for k, v in asdict(self).items() if getattr(other, k) != v]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    def __init__(self, out: Path):
+        self.dir = Path(out) / RESUME_DIR
+
+    def exists(self) -> bool:
+        return (self.dir / "fingerprint.json").exists()
+
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(**json.loads((self.dir / "fingerprint.json").read_text()))
+
+    def start(self, fp: Fingerprint) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / "fingerprint.json", asdict(fp))
+
+    def load(self) -> tuple[int, dict[str, Any], dict[str, Any], list[torch.Tensor]] | None:
+        """(next block, layer records, run log, its input batches), or None if no block was completed."""
+        path = self.dir / "state.json"
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        tensors = load_file(self._inputs(state["next_block"]))
+        batches = [tensors[f"batch{i:05d}"] for i in range(len(tensors))]
+        return state["next_block"], state["layers"], state["run"], batches
+
+    def _inputs(self, block: int) -> Path:
+        return self.dir / f"inputs-{block:05d}.safetensors"
+
+    def save(self, next_block: int, layers: dict[str, Any], run: dict[str, Any], inputs: list[torch.Tensor]) -> None:
+        path = self._inputs(next_block)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({f"batch{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}, str(tmp))
+        fault_point("resume-inputs")
+        os.replace(tmp, path)
+        # the inputs exist before the state that points at them; older inputs go only after the state moved on
+        _write_json(self.dir / "state.json", {"next_block": next_block, "layers": layers, "run": run})
+        for old in self.dir.glob("inputs-*.safetensors"):
+            if old != path:
+                old.unlink()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Never lose a run: kill -9 a real quantization at several points, rerun, and get the uninterrupted run's bytes."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig
+
+from conftest import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def four_block_llama(tokenizer_dir, tmp_path_factory) -> Path:
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=4, vocab_size=vocab, max_position_embeddings=256)
+    return save_tiny_model(config, tokenizer_dir, tmp_path_factory.mktemp("llama4"))
+
+
+def quantize(model: Path, out: Path, calib: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QUANTEASE_FAULT": fault or ""}
+    cmd = [sys.executable, "-m", "quantease.cli", "quantize", str(model), "--out", str(out), "--calib", str(calib),
+           "--nsamples", "6", "--seqlen", "48", "--batch-size", "4", "--bits", "3", "--group-size", "32",
+           "--quiet", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    """Every file of the checkpoint; run.json (this run's timings) is a log, not part of it."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "run.json"}
+
+
+@pytest.fixture(scope="module")
+def reference(four_block_llama, calib_file, tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "q"
+    assert quantize(four_block_llama, out, calib_file).returncode == 0
+    files = checkpoint_files(out)
+    shutil.rmtree(out)
+    return out, files
+
+
+@pytest.mark.parametrize("fault", [
+    "block:0",  # between blocks, right after block 0's state was saved
+    "block:2",
+    "write:model-block-00001.safetensors",  # in the middle of writing a shard: written, not yet renamed
+    "resume-inputs",  # after block 0's shard, while saving the next block's inputs
+    "write:quantease.json",  # while finalizing
+    "write:manifest.json",
+])
+def test_killed_run_resumes_to_identical_files(fault, four_block_llama, calib_file, reference):
+    out, expected = reference
+    try:
+        killed = quantize(four_block_llama, out, calib_file, fault=fault)
+        assert killed.returncode == -9, killed.stderr
+        assert not (out / "manifest.json").exists()
+        with pytest.raises(Exception, match="not a complete"):
+            from quantease.api import load
+
+            load(out)
+        resumed = quantize(four_block_llama, out, calib_file)
+        assert resumed.returncode == 0, resumed.stderr
+        assert checkpoint_files(out) == expected
+        assert not (out / ".resume").exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_changed_settings_refuse_to_mix_runs(four_block_llama, calib_file, reference):
+    out, expected = reference
+    try:
+        assert quantize(four_block_llama, out, calib_file, fault="block:1").returncode == -9
+        mixed = quantize(four_block_llama, out, calib_file, "--seed", "1")
+        assert mixed.returncode == 6
+        assert "different calibration data and settings; pass --restart" in mixed.stderr
+        assert quantize(four_block_llama, out, calib_file, "--seed", "1", "--restart").returncode == 0
+        assert checkpoint_files(out) != expected  # a different seed is a different checkpoint
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_same_inputs_give_identical_bytes(four_block_llama, calib_file, reference):
+    out, expected = reference
+    try:
+        assert quantize(four_block_llama, out, calib_file).returncode == 0
+        assert checkpoint_files(out) == expected
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_not_enough_disk_and_nan_weights(four_block_llama, calib_file, tokenizer_dir, tmp_path, monkeypatch):
+    from quantease.api import QuantConfig
+    from quantease.api import quantize as api_quantize
+    from quantease.errors import NumericalError, ResourceError
+
+    config = dict(model=str(four_block_llama), calib=str(calib_file), nsamples=2, seqlen=32, device="cpu")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ResourceError, match="not enough disk space"):
+        api_quantize(QuantConfig(out=str(tmp_path / "disk"), **config), progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "disk" / "manifest.json").exists()
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(four_block_llama)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "nan")
+    with pytest.raises(NumericalError, match="mlp.up_proj has NaN/Inf"):
+        api_quantize(QuantConfig(out=str(tmp_path / "nanq"), **{**config, "model": str(tmp_path / "nan")}), progress=False)
+    assert not (tmp_path / "nanq" / "manifest.json").exists()
