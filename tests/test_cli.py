@@ -91,3 +91,20 @@ def test_existing_output_needs_overwrite_and_incomplete_is_refused(tiny_llama, c
 def test_help_shows_examples():
     res = run("quantize", "--help")
     assert res.exit_code == 0 and "Examples:" in res.output and "--group-size" in res.output
+
+
+def test_inspect_verifies_the_manifest(tiny_llama, calib_file, tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", str(tiny_llama), "--out", str(out), "--calib", str(calib_file), "--nsamples", "2",
+               "--seqlen", "32", "--bits", "3", "--group-size", "32", "--quiet").exit_code == 0
+    res = run("inspect", str(out))
+    assert res.exit_code == 0, res.output
+    assert "every file intact" in res.output and "3 bits, group 32" in res.output
+    assert "model.layers.1.mlp.down_proj" in res.output and "bits/weight" in res.output
+    shard = out / "model-block-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the last tensor's data
+    shard.write_bytes(bytes(data))
+    res = run("inspect", str(out))
+    assert res.exit_code == CheckpointError.exit_code
+    assert "model-block-00001.safetensors: checksum differs" in res.output

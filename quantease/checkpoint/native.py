@@ -43,6 +43,7 @@ __all__ = [
     "effective_bits",
     "CheckpointWriter",
     "read_manifest",
+    "verify_manifest",
 ]
 
 FORMAT = "quantease-native"
@@ -144,6 +145,21 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a complete quantease checkpoint (no {MANIFEST}): the run that wrote it "
                               f"did not finish; rerun the quantize command")
     return json.loads(path.read_text())
+
+
+def verify_manifest(folder: Path) -> list[str]:
+    """Problems found by checking every file the manifest lists (size and sha256); empty when intact."""
+    manifest = read_manifest(folder)
+    problems = []
+    for name, entry in manifest["files"].items():
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif _sha256(path) != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest")
+    return problems
 
 
 class CheckpointWriter:
