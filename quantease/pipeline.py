@@ -30,7 +30,8 @@ from .config import QuantConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, fingerprint, tokenize
 from .errors import CheckpointError, NumericalError, ResourceError, UsageError
-from .models.capture import BlockInputs, capture_first_block, collect_sigmas, run_block
+from .models.capture import BlockInputs, Call, capture_block_inputs, collect_sigmas, run_block
+from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
 from .solvers import GridSpec, SolveResult, get_solver
 
@@ -71,14 +72,14 @@ class LayerRecord:
 
 
 def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig) -> LayerRecord:
-    W = module.weight.data.float()
+    W = weight_matrix(module).float()
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name} has NaN/Inf weights")
     entry = get_solver(config.method)
     start = time.perf_counter()
     result = entry.solve(W, sigma, config.grid(), config.solver_options())
     seconds = time.perf_counter() - start
-    module.weight.data = result.weight.dequantize().to(module.weight.dtype)
+    set_weight_matrix(module, result.weight.dequantize())
     reference = float(((W.double() @ sigma.double()) * W.double()).sum())
     return LayerRecord(result, reference, seconds, encode(result.weight))
 
@@ -86,8 +87,8 @@ def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config
 def quantize_block(
     block: torch.nn.Module, groups: tuple[tuple[str, ...], ...], inputs: BlockInputs, config: QuantConfig,
     observe: Callable[[str, torch.Tensor], None] | None = None,
-) -> tuple[dict[str, LayerRecord], BlockInputs]:
-    """Quantize every linear of one block in place; return their records and the block's outputs."""
+) -> tuple[dict[str, LayerRecord], list[torch.Tensor]]:
+    """Quantize every linear of one block in place; return their records and the block's output hidden states."""
     original_outputs = None if config.propagate else run_block(block, inputs)
     stages = [[g] for g in groups] if config.sequential else [list(groups)]
     records: dict[str, LayerRecord] = {}
@@ -116,13 +117,11 @@ def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> 
 
 def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
     """Fail before any work if the group size does not divide some layer's input size."""
-    for param, key in lazy.block_tensor_names(0).items():
-        module = param.removeprefix(lazy.block_prefix(0)).removesuffix(".weight")
-        if module in lazy.arch.linears and param.endswith(".weight"):
-            try:
-                spec.groups(lazy.index.shape(key)[1])
-            except ValueError as e:
-                raise UsageError(f"{e} (layer {module})") from None
+    for name in lazy.arch.linears:
+        try:
+            spec.groups(matrix_shape(lazy.blocks[0].get_submodule(name))[1])
+        except ValueError as e:
+            raise UsageError(f"{e} (layer {name})") from None
 
 
 def _check_disk(out: Path, lazy: LazyModel, config: QuantConfig) -> None:
@@ -179,28 +178,31 @@ class _Run:
         self.writer = CheckpointWriter(out)
         self.layers: dict[str, Any] = {}
         self.log: dict[str, Any] = {"capture_s": 0.0, "blocks_s": [], "layer_s": {}, "resumed_at": []}
+        self.calls: list[list[Call]] = []
 
-    def first_inputs(self, windows: torch.Tensor) -> tuple[int, BlockInputs]:
+    def first_inputs(self, windows: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+        """The first block to quantize and its input hidden states (block 0's, or those a killed run saved)."""
         t0 = time.perf_counter()
         self.lazy.load_outer(self.device)
-        inputs = capture_first_block(self.lazy.model, self.lazy.blocks[0],
-                                     windows.split(self.config.calib_batch_size), self.device)
+        hidden, self.calls = capture_block_inputs(self.lazy.model, self.lazy.blocks,
+                                                  windows.split(self.config.calib_batch_size), self.device)
         self.lazy.unload_outer()
         saved = self.resume.load()
         if saved is None:
             self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
                                            for n in self.lazy.outer_params()})
             self.log["capture_s"] = round(time.perf_counter() - t0, 3)
-            return 0, inputs
+            return 0, hidden
         start, self.layers, self.log, hidden = saved
         self.log["resumed_at"].append(start)
-        return start, BlockInputs([h.to(self.device) for h in hidden], inputs.kwargs)
+        return start, [h.to(self.device) for h in hidden]
 
-    def block(self, i: int, inputs: BlockInputs, observe: SigmaObserver | None) -> BlockInputs:
+    def block(self, i: int, hidden: list[torch.Tensor], observe: SigmaObserver | None) -> list[torch.Tensor]:
         t0 = time.perf_counter()
         block = self.lazy.load_block(i, self.device)
         obs = (lambda name, s: observe(i, name, s)) if observe else None
         try:
+            inputs = BlockInputs(hidden, self.calls[i])
             records, outputs = quantize_block(block, self.lazy.arch.groups, inputs, self.config, obs)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
@@ -213,7 +215,7 @@ class _Run:
             self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
         last = i + 1 == len(self.lazy.blocks)
-        self.resume.save(i + 1, self.layers, self.log, [] if last else outputs.hidden)
+        self.resume.save(i + 1, self.layers, self.log, [] if last else outputs)
         fault_point(f"block:{i}")
         return outputs
 
@@ -254,11 +256,11 @@ def quantize(
         return out
     _check_disk(out, lazy, config)
     run = _Run(config, device, lazy, out, resume)
-    start, inputs = run.first_inputs(windows)
+    start, hidden = run.first_inputs(windows)
     bar = tqdm(range(start, len(lazy.blocks)), desc="quantize", unit="block", disable=not progress,
                initial=start, total=len(lazy.blocks))
     for i in bar:
-        inputs = run.block(i, inputs, observe)
+        hidden = run.block(i, hidden, observe)
         bar.set_postfix(sec=f"{run.log['blocks_s'][-1]:.1f}")
     run.finish(path, calib_sha, fp, started)
     return out

@@ -1,8 +1,10 @@
-"""Calibration capture: the inputs of the first decoder block, and Gram matrices of linear-layer inputs.
+"""Calibration capture: what each decoder block is called with, and Gram matrices of linear-layer inputs.
 
-The first block's inputs are captured generically: a pre-hook on block 0 records every positional and keyword
-argument the model passes it (hidden states, masks, position ids, rotary tables...) and stops the forward pass, so no
-later block is ever needed. Later blocks are called with the same keyword arguments.
+Block arguments are captured generically: every block is swapped for a pass-through recorder and the model runs
+once per batch. The model computes embeddings, masks and rotary tables as usual and hands each recorder exactly what
+the real block would get, including per-layer differences (sliding-window vs global masks, local vs global rotary
+tables), without any block's weights. Block 0's hidden states are kept; later blocks get their hidden states from
+the quantized previous block.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import torch
 
 from ..errors import NumericalError
 
-__all__ = ["BlockInputs", "capture_first_block", "run_block", "GramAccumulator", "collect_sigmas"]
+__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_sigmas"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # a block's positional arguments after the hidden states, and keywords
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 class _Stop(Exception):
@@ -22,44 +27,55 @@ class _Stop(Exception):
 
 @dataclass
 class BlockInputs:
-    """Calibration activations entering a block, one entry per batch, with the call's other arguments."""
+    """Calibration activations entering one block, per batch, with the block's other call arguments per batch."""
 
     hidden: list[torch.Tensor]  # each [batch, seqlen, hidden]
-    kwargs: list[dict[str, Any]]
+    calls: list[Call]
 
     def __len__(self) -> int:
         return len(self.hidden)
 
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+class _Recorder(torch.nn.Module):
+    """Stands in for block `index` during capture: records its call and passes the hidden states through."""
 
-def _move(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
+    def __init__(self, block: torch.nn.Module, index: int, calls: list[list[Call]], hidden: list[torch.Tensor],
+                 last: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its meta weights stay out of the forward
+        self.index, self.last = index, last
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_hidden", hidden)
+
+    def __getattr__(self, name: str) -> Any:  # model code may read block attributes (attention_type, layer_idx)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: (None if k in _CACHE_ARGS else v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        self._calls[self.index].append((tuple(args[1:]), kwargs))
+        if self.index == 0:
+            self._hidden.append(hidden)
+        if self.last:
+            raise _Stop
+        return hidden
 
 
 @torch.no_grad()
-def capture_first_block(
-    model: torch.nn.Module, block: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str
-) -> BlockInputs:
-    """Run the embedding part of `model` on each batch of token ids and record what reaches `block`."""
-    captured = BlockInputs([], [])
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
-        kwargs["use_cache"] = False
-        captured.hidden.append(hidden)
-        captured.kwargs.append(kwargs)
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+def capture_block_inputs(
+    model: torch.nn.Module, blocks: torch.nn.ModuleList, batches: Iterable[torch.Tensor], device: torch.device | str
+) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """Block 0's hidden states per batch, and every block's call arguments per batch ([block][batch])."""
+    calls: list[list[Call]] = [[] for _ in blocks]
+    hidden: list[torch.Tensor] = []
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, i, calls, hidden, last=i == len(originals) - 1)
     try:
         for ids in batches:
             try:
@@ -67,21 +83,22 @@ def capture_first_block(
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return hidden, calls
 
 
 @torch.no_grad()
-def run_block(block: torch.nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """The block's outputs for every batch: the next block's inputs."""
+def run_block(block: torch.nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch."""
     out = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        y = block(hidden, **kwargs)
+    for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls):
+        y = block(hidden, *args, **kwargs)
         y = y[0] if isinstance(y, (tuple, list)) else y
         if not torch.isfinite(y).all():
             raise NumericalError("non-finite activations (NaN/Inf) in a decoder block's output")
         out.append(y)
-    return BlockInputs(out, inputs.kwargs)
+    return out
 
 
 class GramAccumulator:
@@ -133,10 +150,10 @@ def collect_sigmas(
         for name in group:
             handles.append(block.get_submodule(name).register_forward_pre_hook(make_hook(group)))
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls):
             pending = set(groups)
             try:
-                block(hidden, **kwargs)
+                block(hidden, *args, **kwargs)
             except _Stop:
                 pass
     finally:

@@ -13,8 +13,10 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
-from ..errors import ModelNotFound
+from ..errors import ModelNotFound, UnsupportedModel
 from .builtin import BUILTIN_MODELS, resolve_builtin
 from .registry import ArchSpec, get_arch
 
@@ -89,15 +91,35 @@ class LazyModel:
         self.model.eval()
         self.prefix = self.model.base_model_prefix
         self.blocks: torch.nn.ModuleList = self.model.get_submodule(self.arch.blocks)
+        self.keys = self._checkpoint_keys()
+        self.tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+
+    def _checkpoint_keys(self) -> dict[str, str]:
+        """Model parameter -> checkpoint key, through the renamings transformers applies when it loads the model
+        (legacy names such as GPT-NeoX's embed_out, checkpoints without the base-model prefix)."""
+        transforms = get_model_conversion_mapping(self.model)
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        keys: dict[str, str] = {}
+        for key in self.index.names():
+            name = key
+            for t in transforms:
+                renamed, matched = t.rename_source_key(name)
+                if matched is None:
+                    continue
+                if not isinstance(t, WeightRenaming):
+                    raise UnsupportedModel(f"{self.config.model_type}: checkpoint tensor {key} needs a conversion "
+                                           f"(e.g. fused mixture-of-experts weights), which is not supported yet")
+                name = renamed
+            if name not in params and f"{self.prefix}.{name}" in params:
+                name = f"{self.prefix}.{name}"
+            keys[name] = key
+        return keys
 
     def checkpoint_name(self, param: str) -> str:
-        """Checkpoint key of a model parameter (some checkpoints omit the base-model prefix)."""
-        if param in self.index:
-            return param
-        short = param.removeprefix(self.prefix + ".")
-        if short in self.index:
-            return short
-        raise ModelNotFound(f"tensor {param} is missing from the checkpoint in {self.folder}")
+        try:
+            return self.keys[param]
+        except KeyError:
+            raise ModelNotFound(f"tensor {param} is missing from the checkpoint in {self.folder}") from None
 
     def block_prefix(self, i: int) -> str:
         return f"{self.arch.blocks}.{i}."
@@ -116,8 +138,11 @@ class LazyModel:
             set_module_tensor_to_device(self.model, n, "meta")
 
     def outer_params(self) -> list[str]:
-        """Parameters outside the decoder blocks that the checkpoint stores (a tied head is not stored)."""
-        return [n for n in self._params(self.arch.blocks + ".", inside=False) if self._stored(n)]
+        """Parameters outside the decoder blocks; a head tied to the embeddings is not stored, anything else must be."""
+        names = [n for n in self._params(self.arch.blocks + ".", inside=False) if n not in self.tied or n in self.keys]
+        for n in names:
+            self.checkpoint_name(n)  # fails on a missing tensor instead of silently dropping it
+        return names
 
     def load_outer(self, device: torch.device | str) -> None:
         """Materialize the embeddings, final norm and head: enough to run the model up to block 0."""
@@ -125,13 +150,6 @@ class LazyModel:
 
     def unload_outer(self) -> None:
         self._unload(self.outer_params())
-
-    def _stored(self, param: str) -> bool:
-        try:
-            self.checkpoint_name(param)
-            return True
-        except ModelNotFound:
-            return False
 
     def load_block(self, i: int, device: torch.device | str) -> torch.nn.Module:
         self._load(self._params(self.block_prefix(i), inside=True), device)

@@ -19,6 +19,7 @@ class FFNSpec:
     up: str
     down: str
     gate: str | None = None  # gated FFNs (SwiGLU/GeGLU): φ_i = act(gate_i·x)·(up_i·x)
+    fused_gate_up: bool = False  # `up` holds [gate; up] stacked by rows (Phi-3)
 
 
 @dataclass(frozen=True)
@@ -32,31 +33,44 @@ class ArchSpec:
         return tuple(name for group in self.groups for name in group)
 
 
-_LLAMA = ArchSpec(
-    blocks="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    ffn=FFNSpec(up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj"),
-)
+def _family(blocks: str, attn: tuple[str, ...], out: str, up: tuple[str, ...], down: str,
+            ffn: FFNSpec | None) -> ArchSpec:
+    """The common decoder-block shape: attention projections, output projection, FFN input(s), FFN output."""
+    return ArchSpec(blocks=blocks, groups=(attn, (out,), up, (down,)), ffn=ffn)
 
-_OPT = ArchSpec(
-    blocks="model.decoder.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-    ffn=FFNSpec(up="fc1", down="fc2"),
-)
+
+# Llama and every family that copied its block: separate q/k/v, o, gated FFN.
+_LLAMA = _family("model.layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
+                 ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                 FFNSpec(up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj"))
+# Fused projections: one qkv matrix and one [gate; up] matrix.
+_PHI3 = _family("model.layers", ("self_attn.qkv_proj",), "self_attn.o_proj", ("mlp.gate_up_proj",), "mlp.down_proj",
+                FFNSpec(up="mlp.gate_up_proj", down="mlp.down_proj", fused_gate_up=True))
+_OPT = _family("model.decoder.layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "self_attn.out_proj", ("fc1",), "fc2", FFNSpec(up="fc1", down="fc2"))
+# BLOOM and Falcon name their layers alike (Falcon's MLP may read the attention's input: still a separate group).
+_BLOOM = _family("transformer.h", ("self_attention.query_key_value",), "self_attention.dense",
+                 ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", FFNSpec(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h"))
+_NEOX = _family("gpt_neox.layers", ("attention.query_key_value",), "attention.dense", ("mlp.dense_h_to_4h",),
+                "mlp.dense_4h_to_h", FFNSpec(up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h"))
+# GPT-2's Conv1D layers store weights transposed; models/layers.py hands solvers [out, in].
+_GPT2 = _family("transformer.h", ("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj",
+                FFNSpec(up="mlp.c_fc", down="mlp.c_proj"))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "phi3": _PHI3,
     "opt": _OPT,
+    "bloom": _BLOOM,
+    "falcon": _BLOOM,
+    "gpt_neox": _NEOX,
+    "gpt2": _GPT2,
 }
 
 

@@ -1,0 +1,90 @@
+"""Every supported family: a tiny random model through the whole pipeline with every solver, at 8 and 3 bits."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantease.api import QuantConfig, load, quantize
+from quantease.models import reader
+from quantease.models.registry import ARCHITECTURES, get_arch
+from quantease.solvers import solver_names
+
+from conftest import save_tiny_model
+
+H, F, L, HEADS = 64, 128, 2, 4
+SHAPE = dict(hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attention_heads=HEADS,
+             max_position_embeddings=256)
+GQA = dict(SHAPE, num_key_value_heads=2)
+SLIDING = dict(GQA, head_dim=16, sliding_window=16)  # shorter than the test sequences: masks differ per layer
+CONFIGS = {
+    "llama": lambda v: T.LlamaConfig(vocab_size=v, **GQA),
+    "mistral": lambda v: T.MistralConfig(vocab_size=v, **GQA),
+    "qwen2": lambda v: T.Qwen2Config(vocab_size=v, **GQA),
+    "qwen3": lambda v: T.Qwen3Config(vocab_size=v, head_dim=16, **GQA),
+    "gemma": lambda v: T.GemmaConfig(vocab_size=v, head_dim=16, **GQA),
+    "gemma2": lambda v: T.Gemma2Config(vocab_size=v, layer_types=["sliding_attention", "full_attention"], **SLIDING),
+    "gemma3_text": lambda v: T.Gemma3TextConfig(vocab_size=v, layer_types=["sliding_attention", "full_attention"],
+                                                **SLIDING),
+    "phi3": lambda v: T.Phi3Config(vocab_size=v, pad_token_id=0, **GQA),
+    "opt": lambda v: T.OPTConfig(vocab_size=v, hidden_size=H, ffn_dim=F, num_hidden_layers=L, num_attention_heads=HEADS,
+                                 max_position_embeddings=256, word_embed_proj_dim=H),
+    "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=H, n_layer=L, n_head=HEADS),
+    "falcon": lambda v: T.FalconConfig(vocab_size=v, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS),
+    "gpt_neox": lambda v: T.GPTNeoXConfig(vocab_size=v, **SHAPE),
+    "gpt2": lambda v: T.GPT2Config(vocab_size=v, n_embd=H, n_layer=L, n_head=HEADS, n_positions=256),
+}
+
+
+def test_every_registered_family_is_tested():
+    assert set(CONFIGS) == set(ARCHITECTURES)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family_model(request, tokenizer_dir, tmp_path_factory):
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    path = save_tiny_model(CONFIGS[request.param](vocab), tokenizer_dir, tmp_path_factory.mktemp(request.param))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return path, model.config.model_type, ids, logits
+
+
+@pytest.fixture
+def resident_blocks(monkeypatch):
+    """Tracks how many decoder blocks hold real weights at once, across every LazyModel."""
+    state = {"now": 0, "peak": 0}
+    load, unload = reader.LazyModel.load_block, reader.LazyModel.unload_block
+
+    def counting_load(self, i, device):
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        return load(self, i, device)
+
+    def counting_unload(self, i):
+        state["now"] -= 1
+        return unload(self, i)
+
+    monkeypatch.setattr(reader.LazyModel, "load_block", counting_load)
+    monkeypatch.setattr(reader.LazyModel, "unload_block", counting_unload)
+    return state
+
+
+@pytest.mark.parametrize("method", solver_names())
+def test_family_quantizes_and_reloads(family_model, method, calib_file, tmp_path, resident_blocks):
+    path, model_type, ids, reference = family_model
+    errors = {}
+    for bits in (8, 3):
+        out = quantize(QuantConfig(model=str(path), out=str(tmp_path / f"w{bits}"), method=method, bits=bits,
+                                   group_size=32, calib=str(calib_file), nsamples=4, seqlen=64, device="cpu"),
+                       progress=False)
+        model, _, info = load(out)
+        assert len(info["layers"]) == L * len(get_arch(model_type).linears)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        errors[bits] = float((logits - reference).norm() / (reference - reference.mean(-1, keepdim=True)).norm())
+    assert resident_blocks["peak"] == 1 and resident_blocks["now"] == 0
+    assert errors[8] < 0.02, errors
+    assert errors[3] > errors[8]
