@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import UsageError
 from .solvers import GridSpec, get_solver
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "read_yaml"]
 
 
 @dataclass
@@ -60,3 +63,23 @@ class QuantConfig:
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "QuantConfig":
+        """Settings from a YAML recipe, then `overrides` (e.g. options given on the command line) on top."""
+        values = read_yaml(path)
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding one mapping; a clear error for a missing or malformed file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
+    return values

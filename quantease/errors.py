@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "NumericalError",
     "ResourceError",
+    "SweepError",
 ]
 
 
@@ -55,3 +56,9 @@ class ResourceError(QuantEaseError):
     """Out of memory or disk."""
 
     exit_code = 8
+
+
+class SweepError(QuantEaseError):
+    """Some runs of a sweep failed (the others finished)."""
+
+    exit_code = 9

@@ -9,7 +9,7 @@ import click
 from .checkpoint.reload import read_info
 from .eval.perplexity import PerplexityResult
 
-__all__ = ["print_layers_summary", "perplexity_table", "inspect_text"]
+__all__ = ["print_layers_summary", "perplexity_table", "inspect_text", "gather_runs", "write_report"]
 
 
 def print_layers_summary(folder: Path) -> None:
@@ -60,3 +60,71 @@ def inspect_text(folder: Path, problems: list[str], layers: bool = True) -> str:
         lines.append(f"{'layer'.ljust(width)}  {'rel_error':>10}  {'bits/w':>7}")
         lines += [f"{n.ljust(width)}  {l['rel_error']:>10.5f}  {l['bits_per_weight']:>7.3f}" for n, l in info["layers"].items()]
     return "\n".join(lines)
+
+
+def gather_runs(folder: Path) -> list[dict]:
+    """One row per complete checkpoint under `folder` (itself or its subfolders): settings, size, errors, results."""
+    import json as _json
+
+    rows = []
+    for info_path in sorted(Path(folder).glob("**/quantease.json")):
+        run = info_path.parent
+        if not (run / "manifest.json").exists():
+            continue
+        info = _json.loads(info_path.read_text())
+        c, s = info["config"], info["summary"]
+        row = {"run": str(run.relative_to(folder)) if run != Path(folder) else run.name, "model": Path(c["model"]).name,
+               "method": c["method"], "bits": c["bits"], "group_size": c["group_size"], "sym": c["sym"],
+               "bits_per_weight": round(s["bits_per_weight"], 4), "mean_rel_error": round(s["mean_rel_error"], 6),
+               "fallbacks": len(s["fallbacks"])}
+        evals = _json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+        for r in evals.get("perplexity", {}).values():
+            row[f"ppl_{Path(r['dataset']).name}"] = round(r["ppl"], 3)  # a file dataset is labelled by its name
+        for key, r in evals.get("zeroshot", {}).items():
+            metric = "acc" if "acc" in r else next((k for k, v in r.items() if isinstance(v, float)), None)
+            if metric:
+                row[f"{key.split(':')[0]}_{metric}"] = round(r[metric], 4)
+        rows.append(row)
+    return rows
+
+
+def write_report(rows: list[dict], folder: Path) -> dict[str, Path]:
+    """report.md, report.csv, report.json and report.png (perplexity against bits per weight) in `folder`."""
+    import csv
+    import json as _json
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    paths = {ext: Path(folder) / f"report.{ext}" for ext in ("md", "csv", "json", "png")}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(_json.dumps(rows, indent=1))
+    _plot(rows, [c for c in columns if c.startswith("ppl_")], paths["png"])
+    return paths
+
+
+def _plot(rows: list[dict], ppl_columns: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(ppl_columns), 1), figsize=(5 * max(len(ppl_columns), 1), 4), squeeze=False)
+    for ax, column in zip(axes[0], ppl_columns or [None]):
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["bits_per_weight"], r[column]) for r in rows if r["method"] == method and column in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xlabel("effective bits per weight")
+        ax.set_ylabel(f"perplexity ({column.removeprefix('ppl_')})" if column else "no perplexity evaluated")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if column:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -61,10 +61,11 @@ def test_bad_inputs_exit_with_one_line(tiny_llama, calib_file, tokenizer_dir, tm
     _bad(["quantize", str(tiny_llama), *common[:-5], "--nsamples", "1000", "--seqlen", "2048"], type(
         "DataError", (), {"exit_code": 5}), "tokens but nsamples x seqlen", out)
 
-    from transformers import GPT2Config
+    from transformers import GPTJConfig
 
-    gpt2 = save_tiny_model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300), tokenizer_dir, tmp_path / "gpt2")
-    _bad(["quantize", str(gpt2), *common], UnsupportedModel, "supported: llama, opt", out)
+    gptj = save_tiny_model(GPTJConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=300), tokenizer_dir,
+                           tmp_path / "gptj")
+    _bad(["quantize", str(gptj), *common], UnsupportedModel, "unsupported architecture 'gptj'; supported: bloom,", out)
 
     pickle_only = tmp_path / "pickle"
     pickle_only.mkdir()

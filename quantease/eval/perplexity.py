@@ -24,6 +24,7 @@ class PerplexityResult:
     tokens: int  # predicted tokens scored
     windows: int
     seqlen: int
+    limit: int | None = None  # the window cap asked for (None: the whole text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,4 +48,4 @@ def perplexity_on(model: torch.nn.Module, tokenizer, dataset: str, seqlen: int, 
     windows = eval_windows(tokenize(tokenizer, load_text(dataset, "eval")), seqlen, limit)
     total, count = perplexity(model, windows, device, progress, desc=f"ppl {dataset}")
     nll = total / count
-    return PerplexityResult(dataset, math.exp(nll), nll, count, windows.shape[0], seqlen)
+    return PerplexityResult(dataset, math.exp(nll), nll, count, windows.shape[0], seqlen, limit)
