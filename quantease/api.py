@@ -1,6 +1,7 @@
 """The Python API that the CLI and batch jobs share: quantize, load, evaluate."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .checkpoint.reload import is_quantized_checkpoint, load_quantized
 from .config import QuantConfig
 from .eval.perplexity import PerplexityResult, perplexity_on
+from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
+from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
 from .pipeline import quantize, resolve_device
 
-__all__ = ["QuantConfig", "quantize", "load", "evaluate_perplexity"]
+__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "evaluate_perplexity",
+           "evaluate_zeroshot", "results_path", "stored_results"]
 
 
 def load(model: str | Path, dense: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:
@@ -33,21 +37,79 @@ def evaluate_perplexity(
     model: str | Path, datasets: list[str], seqlen: int = 2048, limit: int | None = None, device: str = "auto",
     dense: bool = False, progress: bool = True, save: bool = True,
 ) -> list[PerplexityResult]:
-    """Perplexity of `model` on each dataset; for a quantease checkpoint the results are also saved in eval.json."""
+    """Perplexity of `model` on each dataset; the results are also saved in `results_path(model)`."""
     net, tokenizer, _ = load(model, dense=dense, device=device)
     dev = next(net.parameters()).device
     results = [perplexity_on(net, tokenizer, d, seqlen, limit, dev, progress) for d in datasets]
-    if save and is_quantized_checkpoint(model):
-        _save_eval(Path(model), results)
+    if save:
+        _save_eval(results_path(model), "perplexity", {_ppl_key(r): r.to_dict() for r in results})
     return results
 
 
-def _save_eval(folder: Path, results: list[PerplexityResult]) -> None:
-    path = folder / "eval.json"
+def _ppl_key(r: PerplexityResult) -> str:
+    return f"{r.dataset}:seqlen={r.seqlen}:windows={r.windows}"  # the protocol is in the key
+
+
+def evaluate_zeroshot(
+    model: str | Path, tasks: list[str], limit: int | None = None, num_fewshot: int = 0, batch_size: int = 1,
+    device: str = "auto", tasks_dir: str | Path | None = None, save: bool = True, dense: bool = False,
+) -> dict[str, dict]:
+    """lm-eval accuracy of `model` on each task: {task: {metric: value, "protocol": {...}, "seconds": s}}.
+
+    `limit` caps the documents per task. The results are also saved in `results_path(model)` under "zeroshot",
+    keyed by task, few-shot count and limit. Task names and data are checked before the model loads.
+    """
+    settings = ZeroShotSettings(tuple(tasks), limit, num_fewshot, batch_size, str(tasks_dir) if tasks_dir else None)
+    return _zeroshot(model, settings, load_tasks(settings), device, dense, save)
+
+
+def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks, device: str, dense: bool,
+              save: bool) -> dict[str, dict]:
+    net, tokenizer, _ = load(model, dense=dense, device=device)
+    results = evaluate_tasks(net, tokenizer, loaded, settings)
+    if save:
+        _save_eval(results_path(model), "zeroshot", {result_key(t, r["protocol"]): r for t, r in results.items()})
+    return results
+
+
+def evaluate(
+    model: str | Path, datasets: list[str], zeroshot: ZeroShotSettings | None = None, seqlen: int = 2048,
+    limit: int | None = None, device: str = "auto", dense: bool = False, progress: bool = True, save: bool = True,
+) -> dict[str, dict]:
+    """Perplexity on `datasets` and the lm-eval tasks of `zeroshot`, in eval.json's layout: {"perplexity": {key:
+    result}, "zeroshot": {key: result}}, each key naming the protocol. The tasks are loaded before anything runs."""
+    loaded = load_tasks(zeroshot) if zeroshot else None
+    out: dict[str, dict] = {}
+    if datasets:
+        ppl = evaluate_perplexity(model, datasets, seqlen, limit, device, dense, progress, save)
+        out["perplexity"] = {_ppl_key(r): r.to_dict() for r in ppl}
+    if zeroshot and loaded:
+        acc = _zeroshot(model, zeroshot, loaded, device, dense, save)
+        out["zeroshot"] = {result_key(t, r["protocol"]): r for t, r in acc.items()}
+    return out
+
+
+def results_path(model: str | Path) -> Path:
+    """Where the evaluation results of `model` are kept: DIR/eval.json for a quantease checkpoint; for a built-in
+    name or another folder, a file under the cache (a folder's name plus a hash of its absolute path)."""
+    if is_quantized_checkpoint(model):
+        return Path(model) / "eval.json"
+    if str(model) in BUILTIN_MODELS:
+        return cache_dir() / "eval" / f"{model}.json"
+    path = Path(model).resolve()
+    return cache_dir() / "eval" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}.json"
+
+
+def stored_results(model: str | Path) -> dict:
+    """The saved results of `model`: {"perplexity": {key: result}, "zeroshot": {key: result}} (either may be absent)."""
+    path = results_path(model)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_eval(path: Path, section: str, entries: dict[str, dict]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
-    ppl = data.setdefault("perplexity", {})
-    for r in results:
-        ppl[f"{r.dataset}:seqlen={r.seqlen}:windows={r.windows}"] = r.to_dict()  # the protocol is in the key
-    tmp = path.with_name(".eval.json.tmp")
+    data.setdefault(section, {}).update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

@@ -64,7 +64,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command(epilog=EXAMPLES_QUANTIZE)
 @click.argument("model", default="smollm2-135m")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--out", default="", type=click.Path(file_okay=False), help="Output folder (required here or in --config).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML recipe of settings (see configs/); options given on the command line override it.")
 @click.option("--method", default="rtn", show_default=True, help="Solver: rtn, gptq, quantease.")
 @click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8.")
 @click.option("--group-size", default=-1, show_default=True, type=int, help="Input columns per grid; -1: per channel.")
@@ -91,26 +93,37 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, out, options, overwrite, restart, ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+@click.pass_context
+def quantize(ctx, config_file, options, overwrite, restart, ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
     An interrupted run continues from its last finished block when the same command is run again.
     """
     from . import api
-    from .errors import UsageError
+    from .config import read_yaml
     from .report import print_layers_summary
 
+    given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    recipe = read_yaml(config_file) if config_file else {}
+    values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
+    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options)}
+    config = api.QuantConfig.from_dict(values)
+    folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
+    print_layers_summary(folder)
+    if ppl:
+        _print_ppl([config.model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device, quiet)
+
+
+def _parse_options(items: tuple[str, ...]) -> dict:
+    from .errors import UsageError
+
     parsed = {}
-    for item in options:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
         parsed[key.strip()] = _parse_value(value)
-    config = api.QuantConfig(model=model, out=out, method_options=parsed, **settings)
-    folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
-    print_layers_summary(folder)
-    if ppl:
-        _print_ppl([model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, settings["device"], quiet)
+    return parsed
 
 
 def _parse_value(text: str):
@@ -120,18 +133,117 @@ def _parse_value(text: str):
         return text
 
 
-@main.command("eval")
+EXAMPLES_EVAL = """
+\b
+Examples:
+  quantease eval smollm2-135m out/w4 --ppl ptb,wiki --limit 16
+  quantease eval smollm2-135m out/w4 --tasks piqa,arc_easy,hellaswag,winogrande --task-limit 200 --batch-size 8
+  quantease eval out/w4 --tasks mytask --tasks-dir my_tasks/ --ppl wiki
+"""
+EXAMPLES_COMPARE = """
+\b
+Examples:
+  quantease compare smollm2-135m out/w4 out/w3 --tasks piqa,arc_easy --task-limit 200 --ppl wiki --limit 16
+  quantease compare smollm2-135m out/w4 out/w3 --out reports/w4-vs-w3     (results saved by earlier eval runs)
+"""
+
+
+def _eval_options(f):
+    """The evaluation options that `eval` and `compare` share."""
+    options = [
+        click.option("--ppl", default=None, help="Perplexity datasets: ptb, wiki, wikitext2[=PATH], c4[=PATH], FILE. "
+                     "Default ptb,wiki when no --tasks are given; '' for none."),
+        click.option("--seqlen", default=2048, show_default=True, type=int, help="Perplexity window length."),
+        click.option("--limit", default=None, type=int, help="At most this many perplexity windows per dataset."),
+        click.option("--tasks", default=None, help="lm-eval tasks: piqa, arc_easy, arc_challenge, hellaswag, "
+                     "winogrande, lambada_openai, boolq (offline copies), tasks from --tasks-dir, or any lm-eval task "
+                     "whose data are in the local Hugging Face cache."),
+        click.option("--task-limit", default=None, type=int, help="At most this many documents per task (the first of "
+                     "its split)."),
+        click.option("--num-fewshot", default=0, show_default=True, type=int, help="Few-shot examples per prompt."),
+        click.option("--batch-size", default=1, show_default=True, type=int, help="lm-eval batch size."),
+        click.option("--tasks-dir", type=click.Path(file_okay=False), help="Folder of extra lm-eval task YAMLs."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--dense", is_flag=True, help="Dequantize once at load instead of on every forward (faster, "
+                     "more memory)."),
+        click.option("--quiet", is_flag=True, help="No perplexity progress bars."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _eval_plan(opts: dict):
+    """(perplexity datasets, zero-shot settings or None) from the shared options; bad settings fail here."""
+    from . import api
+    from .errors import UsageError
+
+    tasks = _csv(opts["tasks"])
+    datasets = _csv("ptb,wiki" if opts["ppl"] is None and not tasks else opts["ppl"])
+    if not datasets and not tasks:
+        raise UsageError("nothing to evaluate: give --ppl datasets and/or --tasks")
+    settings = api.ZeroShotSettings(tuple(tasks), opts["task_limit"], opts["num_fewshot"], opts["batch_size"],
+                                    opts["tasks_dir"]) if tasks else None
+    return datasets, settings
+
+
+def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, dict]:
+    from . import api
+
+    return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["dense"],
+                            progress=not opts["quiet"]) for m in models}
+
+
+@main.command("eval", epilog=EXAMPLES_EVAL)
 @click.argument("models", nargs=-1, required=True)
-@click.option("--ppl", default="ptb,wiki", show_default=True, help="Datasets: ptb, wiki, wikitext2[=PATH], c4[=PATH], FILE.")
-@click.option("--seqlen", default=2048, show_default=True, type=int, help="Window length.")
-@click.option("--limit", default=None, type=int, help="At most this many windows per dataset.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dense", is_flag=True, help="Dequantize once at load instead of on every forward (faster, more memory).")
+@_eval_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
-@click.option("--quiet", is_flag=True)
-def eval_cmd(models, ppl, seqlen, limit, device, dense, json_out, quiet) -> None:
-    """Perplexity of original models and quantease checkpoints (MODELS: built-in names or folders)."""
-    _print_ppl(list(models), _csv(ppl), seqlen, limit, device, quiet, dense, json_out)
+def eval_cmd(models, json_out, **opts) -> None:
+    """Perplexity and zero-shot accuracy of original models and quantease checkpoints (MODELS: built-in names or
+    folders). Results are also saved: in DIR/eval.json for a checkpoint, under $QUANTEASE_CACHE/eval/ otherwise."""
+    from .eval.report import compare, comparison_table
+
+    datasets, settings = _eval_plan(opts)
+    if settings is None:  # perplexity only: its own table, and --json as {model: [results]}
+        _print_ppl(list(models), datasets, opts["seqlen"], opts["limit"], opts["device"], opts["quiet"], opts["dense"],
+                   json_out)
+        return
+    results = _evaluate(models, datasets, settings, opts)
+    click.echo(comparison_table(compare(results), deltas=False))
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+@main.command("compare", epilog=EXAMPLES_COMPARE)
+@click.argument("models", nargs=-1, required=True)
+@_eval_options
+@click.option("--out", "prefix", default="compare", show_default=True, help="Write PREFIX.json and PREFIX.png.")
+def compare_cmd(models, prefix, **opts) -> None:
+    """Perplexities and accuracies of several models side by side, with deltas against the first (the baseline):
+    a table, PREFIX.json and a bar chart PREFIX.png.
+
+    With --ppl or --tasks every model is evaluated now, with the options of `eval`. Without them, the results saved
+    by earlier `eval` runs are compared (DIR/eval.json for a checkpoint, $QUANTEASE_CACHE/eval/ for a built-in name
+    or another folder); one row per metric and protocol, '-' where a model lacks it.
+    """
+    from . import api
+    from .errors import DataError
+    from .eval.report import compare, comparison_json, comparison_plot, comparison_table
+
+    if opts["ppl"] is None and not opts["tasks"]:
+        results = {m: api.stored_results(m) for m in models}
+        missing = [m for m, r in results.items() if not r]
+        if missing:
+            raise DataError(f"no saved results for {missing[0]}: run `quantease eval {missing[0]} ...` first, or "
+                            "pass --ppl/--tasks to evaluate now")
+    else:
+        results = _evaluate(models, *_eval_plan(opts), opts)
+    cmp = compare(results)
+    click.echo(comparison_table(cmp))
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.json").write_text(json.dumps(comparison_json(cmp), indent=2))
+    comparison_plot(cmp, Path(f"{prefix}.png"))
+    click.echo(f"wrote {prefix}.json and {prefix}.png")
 
 
 def _print_ppl(models, datasets, seqlen, limit, device, quiet, dense=False, json_out=None) -> None:
@@ -142,6 +254,103 @@ def _print_ppl(models, datasets, seqlen, limit, device, quiet, dense=False, json
     click.echo(perplexity_table(rows))
     if json_out:
         Path(json_out).write_text(json.dumps({m: [r.to_dict() for r in rs] for m, rs in rows.items()}, indent=2))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-layers", is_flag=True, help="Only the summary, not the per-layer error table.")
+def inspect(folder, no_layers) -> None:
+    """Verify a checkpoint against its manifest and print how it was made. Exit 6 if it is corrupt."""
+    from .checkpoint.native import verify_manifest
+    from .errors import CheckpointError
+    from .report import inspect_text
+
+    problems = verify_manifest(Path(folder))
+    click.echo(inspect_text(Path(folder), problems, layers=not no_layers))
+    if problems:
+        raise CheckpointError(f"{folder} does not match its manifest: {problems[0]}")
+
+
+@main.command("export")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, help="Target format: compressed-tensors (vLLM, transformers) or gptq.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def export_cmd(folder, fmt, out, overwrite) -> None:
+    """Export the quantease checkpoint FOLDER to a format that other tools load.
+
+    \b
+    Examples:
+      quantease export out/w4 --format compressed-tensors --out out/w4-ct
+      quantease export out/w3 --format gptq --out out/w3-gptq
+    """
+    from .checkpoint.export import export_checkpoint
+
+    click.echo(f"wrote {export_checkpoint(folder, out, fmt, overwrite=overwrite)} ({fmt})")
+
+EXAMPLES_SWEEP = """
+\b
+Examples:
+  quantease sweep configs/sweep-smollm2.yaml --out runs/smollm2            # every run, one after another
+  quantease sweep configs/sweep-smollm2.yaml --out runs/smollm2 --print-jobs   # list runs, write runs/.../sweep.sbatch
+  sbatch runs/smollm2/sweep.sbatch                                          # one array task per run
+  quantease report runs/smollm2
+"""
+
+
+@main.command(epilog=EXAMPLES_SWEEP)
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder holding one subfolder per run.")
+@click.option("--index", type=int, default=None, envvar="SLURM_ARRAY_TASK_ID",
+              help="Run only job N (default: $SLURM_ARRAY_TASK_ID when set).")
+@click.option("--print-jobs", is_flag=True, help="List the runs and write OUT/sweep.sbatch and OUT/jobs.json; run nothing.")
+@click.option("--quiet", is_flag=True)
+def sweep(sweep_file, out, index, print_jobs, quiet) -> None:
+    """Run a grid of quantizations (and evaluations) from SWEEP_FILE; failed runs do not stop the others."""
+    from .errors import SweepError, UsageError
+    from .sweep import load_sweep, record_status, run_job, sbatch_script
+
+    spec, out = load_sweep(sweep_file), Path(out)
+    jobs = spec.jobs(out)
+    if print_jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "jobs.json").write_text(json.dumps([{"index": j.index, "name": j.name, "config": j.config.to_dict()}
+                                                   for j in jobs], indent=1))
+        (out / "sweep.sbatch").write_text(sbatch_script(Path(sweep_file), out, jobs))
+        for j in jobs:
+            click.echo(f"{j.index:>4}  {j.name}")
+        click.echo(f"{len(jobs)} jobs; wrote {out / 'jobs.json'} and {out / 'sweep.sbatch'}")
+        return
+    if index is not None and not 0 <= index < len(jobs):
+        raise UsageError(f"--index {index} is outside the sweep's {len(jobs)} jobs (0..{len(jobs) - 1})")
+    failed = []
+    for job in jobs if index is None else [jobs[index]]:
+        click.echo(f"[{job.index}/{len(jobs) - 1}] {job.name}", err=True)
+        try:
+            run_job(job, spec.eval, progress=not quiet)
+            record_status(out, job, None)
+        except Exception as e:  # noqa: BLE001 — a failed run is recorded and the sweep goes on
+            status = record_status(out, job, e)
+            failed.append(status)
+            click.echo(f"  failed: {status['error']}", err=True)
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(jobs) if index is None else 1} runs failed: "
+                         + "; ".join(f"{f['name']} ({f['error']})" for f in failed))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def report(folder) -> None:
+    """Gather every complete checkpoint under FOLDER into report.md/.csv/.json and a perplexity plot."""
+    from .errors import UsageError
+    from .report import gather_runs, write_report
+
+    rows = gather_runs(Path(folder))
+    if not rows:
+        raise UsageError(f"no complete quantease checkpoint under {folder}")
+    paths = write_report(rows, Path(folder))
+    click.echo(paths["md"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":

