@@ -86,6 +86,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--propagate/--no-propagate", default=True, show_default=True,
               help="The next block sees the quantized block's outputs (else the original's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-pickle", is_flag=True, default=False,
+              help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with weights_only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
 @click.option("--ppl", default=None, help="After quantizing, perplexity of the original and quantized model on these "

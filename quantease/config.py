@@ -31,6 +31,7 @@ class QuantConfig:
     sequential: bool = True  # each group of linears sees the already-quantized earlier groups of its block
     propagate: bool = True  # the next block sees the quantized block's outputs (False: the original's)
     device: str = "auto"
+    allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
     def __post_init__(self) -> None:
         self.validate()

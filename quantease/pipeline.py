@@ -167,7 +167,7 @@ def _open_output(out: Path, fp: Fingerprint, overwrite: bool, restart: bool) -> 
 
 def _settings(config: QuantConfig) -> dict[str, Any]:
     """What determines the result: everything but where it goes and which device computes it."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("out", "device")}
+    return {k: v for k, v in config.to_dict().items() if k not in ("out", "device", "allow_pickle")}
 
 
 class _Run:
@@ -242,7 +242,7 @@ def quantize(
         raise UsageError("no output folder given (--out)")
     started = time.perf_counter()
     device = resolve_device(config.device)
-    path = resolve_model_path(config.model)
+    path = resolve_model_path(config.model, config.allow_pickle)
     lazy = LazyModel(path)
     _check_shapes(lazy, config.grid())
     tokenizer = AutoTokenizer.from_pretrained(path)

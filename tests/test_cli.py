@@ -71,7 +71,34 @@ def test_bad_inputs_exit_with_one_line(tiny_llama, calib_file, tokenizer_dir, tm
     pickle_only.mkdir()
     (pickle_only / "config.json").write_text("{}")
     (pickle_only / "pytorch_model.bin").write_bytes(b"")
-    _bad(["quantize", str(pickle_only), *common], ModelNotFound, "no .safetensors weights", out)
+    _bad(["quantize", str(pickle_only), *common], ModelNotFound, "opt in with --allow-pickle", out)
+
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text('{"model_type": "my_llm", "auto_map": {"AutoConfig": "x.MyConfig"}}')
+    (custom / "model.safetensors").write_bytes(b"")
+    _bad(["quantize", str(custom), *common], UnsupportedModel, "ships its own modeling code (my_llm)", out)
+
+
+def test_pickle_weights_only_when_opted_in(tiny_llama, calib_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import shutil
+
+    import torch
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict(), pickled / "pytorch_model.bin")
+    shutil.copy(tiny_llama / "config.json", pickled)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(pickled)
+    assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
+    common = ["--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32", "--quiet"]
+    res = run("quantize", str(pickled), "--out", str(tmp_path / "p"), "--allow-pickle", *common)
+    assert res.exit_code == 0, res.output
+    assert run("quantize", str(tiny_llama), "--out", str(tmp_path / "s"), *common).exit_code == 0
+    for shard in (tmp_path / "s").glob("model-*.safetensors"):  # the same weights give the same checkpoint
+        assert (tmp_path / "p" / shard.name).read_bytes() == shard.read_bytes()
 
 
 def test_existing_output_needs_overwrite_and_incomplete_is_refused(tiny_llama, calib_file, tmp_path):

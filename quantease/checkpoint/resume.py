@@ -45,6 +45,8 @@ def model_fingerprint(folder: Path) -> str:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(n))
+    for f in sorted(folder.glob("*.bin")):  # pickle checkpoints (opt-in) have no cheap header: name and size
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
     return h.hexdigest()
 
 

@@ -18,13 +18,14 @@ from transformers.core_model_loading import WeightRenaming
 
 from ..errors import ModelNotFound, UnsupportedModel
 from .builtin import BUILTIN_MODELS, resolve_builtin
-from .registry import ArchSpec, get_arch
+from .registry import ARCHITECTURES, ArchSpec, get_arch
 
-__all__ = ["resolve_model_path", "SafetensorsIndex", "LazyModel"]
+__all__ = ["resolve_model_path", "read_config", "open_index", "SafetensorsIndex", "PickleIndex", "LazyModel"]
 
 
-def resolve_model_path(model: str) -> Path:
-    """A built-in name or a local Hugging Face folder with config.json and safetensors weights."""
+def resolve_model_path(model: str, allow_pickle: bool = False) -> Path:
+    """A built-in name or a local Hugging Face folder with config.json and safetensors weights (or, if the user opts
+    in, PyTorch pickle weights, read with weights_only=True so that no code in them runs)."""
     if model in BUILTIN_MODELS:
         return resolve_builtin(model)
     path = Path(model)
@@ -35,9 +36,31 @@ def resolve_model_path(model: str) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} has no config.json: point MODEL at a Hugging Face model folder")
     if not any(path.glob("*.safetensors")):
-        hint = " (found PyTorch pickle weights: convert them to safetensors first)" if any(path.glob("*.bin")) else ""
-        raise ModelNotFound(f"{path} has no .safetensors weights{hint}")
+        if any(path.glob("*.bin")):
+            if allow_pickle:
+                return path
+            raise ModelNotFound(f"{path} has only PyTorch pickle weights (*.bin); they are read only if you opt in "
+                                f"with --allow-pickle, or convert them to safetensors")
+        raise ModelNotFound(f"{path} has no .safetensors weights")
     return path
+
+
+def open_index(folder: Path) -> "SafetensorsIndex | PickleIndex":
+    return SafetensorsIndex(folder) if any(folder.glob("*.safetensors")) else PickleIndex(folder)
+
+
+def read_config(folder: Path) -> PretrainedConfig:
+    """The model's config; code shipped in a model folder (trust_remote_code) is never run."""
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raw = json.loads((folder / "config.json").read_text())
+    if "auto_map" in raw:
+        raise UnsupportedModel(f"{folder} ships its own modeling code ({raw.get('model_type', '?')}), which quantease "
+                               f"does not run; supported: {supported}")
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModel(f"unsupported architecture {raw.get('model_type')!r} "
+                               f"({str(e).splitlines()[0][:100]}); supported: {supported}") from None
 
 
 class SafetensorsIndex:
@@ -76,15 +99,41 @@ class SafetensorsIndex:
         return self._handle(self.files[name]).get_slice(name).get_dtype()
 
 
+class PickleIndex(SafetensorsIndex):
+    """The same interface over pytorch_model*.bin files, memory-mapped and loaded with weights_only=True."""
+
+    def __init__(self, folder: Path):
+        index = folder / "pytorch_model.bin.index.json"
+        self._files: dict[Path, dict[str, torch.Tensor]] = {}
+        if index.exists():
+            self.files = {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.files = {n: f for f in sorted(folder.glob("*.bin")) for n in self._tensors(f)}
+
+    def _tensors(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._files:
+            self._files[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        return self._files[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors(self.files[name])[name]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.get(name).shape)
+
+    def dtype(self, name: str) -> str:
+        return str(self.get(name).dtype)
+
+
 class LazyModel:
     """A causal LM whose parameters live on the meta device until asked for."""
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
         self.folder = folder
-        self.config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+        self.config: PretrainedConfig = read_config(folder)
         self.arch: ArchSpec = get_arch(self.config.model_type)
         self.dtype = dtype
-        self.index = SafetensorsIndex(folder)
+        self.index = open_index(folder)
         self.config.use_cache = False
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
