@@ -5,7 +5,8 @@ Transformers" (arXiv 2210.17323), Algorithm 1. Objective  f(Ŵ) = tr((W - Ŵ) Σ
 With H = Σ + λI (λ = damp · mean diag Σ) and U the upper Cholesky factor of H⁻¹, column j is rounded and its
 error moved onto the columns not yet quantized, which is the optimal correction of those columns (OBS):
     Q_j = q_j(W_j),    Err_j = (W_j - Q_j) / U_jj,    W_k ← W_k - Err_j U_jk   (k > j).
-Updates are lazy: rank-1 inside a block of B columns, then W[:, i2:] -= Err Hinv[i1:i2, i2:] as one matmul.
+Updates are lazy: inside a block of B columns each column collects the feedback of the block's earlier columns
+(one matvec), and after the block the later columns get W[:, i2:] -= Err U[i1:i2, i2:] as one matmul.
 """
 from __future__ import annotations
 
@@ -56,15 +57,17 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch
     p = H.shape[0]
     eye = torch.eye(p, device=H.device)  # [p, p]
     mean_diag = float(torch.diagonal(H).mean())
-    for attempt in range(retries + 1):
+    tried = []
+    for _ in range(retries + 1):
+        tried.append(damp)
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)  # [p, p] lower
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [p, p] upper
             if int(info) == 0 and bool(torch.isfinite(U).all()):
-                note = f"gptq: Cholesky failed, succeeded with damp={damp:g} after {attempt} retries" if attempt else None
+                note = None if len(tried) == 1 else f"gptq: Cholesky failed with damp={tried[0]:g}, used damp={damp:g}"
                 return U, note
         damp = max(10 * damp, _FIRST_RETRY_DAMP)
-    return eye, f"gptq: Cholesky failed {retries + 1} times (last damp={damp / 10:g}); fell back to RTN"
+    return eye, f"gptq: Cholesky failed for every damp in {tried}; fell back to RTN"
 
 
 def _block_width(block_size: int, group_size: int | None) -> int:
@@ -75,9 +78,43 @@ def _block_width(block_size: int, group_size: int | None) -> int:
     return max(group_size, block_size // group_size * group_size)
 
 
+def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
+                      gpos: list[int], spec: GridSpec, d: torch.Tensor, dynamic: bool, block_size: int) -> torch.Tensor:
+    """Codes [p, q] of Wᵀ [p, q] (consumed), rows in processing order. Row j of every [p, q] tensor is column j.
+
+    Inside a block the error feedback is applied left-looking: column j is read as W_j - Σ_{i1<=k<j} Err_k U_kj
+    (one matvec) instead of updating all later block columns after each one; same arithmetic, contiguous rows.
+    Dynamic group grids (scale_t, zero_t [G, q]) are fitted on the group's current columns when it starts."""
+    p = Wt.shape[0]
+    codes = torch.empty_like(Wt)  # [p, q]
+    rdiag = (1 / torch.diagonal(U)).tolist()
+    fp16_span = torch.finfo(torch.float16).max * spec.maxq / 2  # largest |w| an fp16 scale can cover
+    for i1 in range(0, p, block_size):
+        i2 = min(i1 + block_size, p)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # [B, q], [B, B]
+        Err1 = torch.zeros_like(W1)  # [B, q]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % spec.group_size == 0:
+                e = i + spec.group_size  # blocks are group-aligned, so the group lies in this block
+                Wg = torch.addmm(W1[i:e], U1[:i, i:e].t(), Err1[:i], alpha=-1)  # [gs, q] current columns
+                # clamped: with Σ near-singular and no damping the feedback can outgrow any fp16 scale
+                g = fit_grid(Wg.t().clamp(-fp16_span, fp16_span), spec, d[j : j + spec.group_size])
+                scale_t[gpos[j]], zero_t[gpos[j]] = g.scale[:, 0], g.zero[:, 0]
+            s, z = scale_t[gpos[j]], zero_t[gpos[j]]  # [q], [q]
+            w = torch.addmv(W1[i], Err1[:i].t(), U1[:i, i], alpha=-1)  # [q] column j with all feedback
+            c = torch.clamp(torch.addcdiv(z, w, s).round_(), 0, spec.maxq, out=codes[j])  # [q]
+            torch.sub(w, (c - z).mul_(s), out=Err1[i]).mul_(rdiag[j])  # Err_j = (W_j - Q_j) / U_jj
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    return codes
+
+
 @register_solver("gptq", GPTQOptions)
 @torch.no_grad()
-def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: GPTQOptions = GPTQOptions()) -> SolveResult:
+def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
+          options: GPTQOptions = GPTQOptions()) -> SolveResult:
+    """GPTQ codes in original column order; g_idx maps each column to its group (non-contiguous with act_order
+    and dynamic groups). loss is f with the undamped Σ; notes record damping retries and the RTN fallback."""
     check_layer(W, sigma)
     W_orig = W.float()
     q, p = W_orig.shape
@@ -91,40 +128,22 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
 
     perm = torch.argsort(d, descending=True) if options.act_order else torch.arange(p, device=W.device)
     dynamic = spec.group_size != -1 and not options.static_groups
-    if dynamic:  # grids fitted in the loop; group = position in processing order
-        scale = torch.empty(q, n_groups, device=W.device)  # [q, G]
-        zero = torch.empty_like(scale)  # [q, G]
+    if dynamic:  # grids fitted while quantizing; group = position in processing order
+        scale_t = torch.empty(n_groups, q, device=W.device)  # [G, q]
+        zero_t = torch.empty_like(scale_t)  # [G, q]
         gpos = (torch.arange(p, device=W.device) // spec.group_size).tolist()
     else:
         grid = fit_grid(W, spec, d)
-        scale, zero = grid.scale, grid.zero  # [q, G]
+        scale_t, zero_t = grid.scale.t().contiguous(), grid.zero.t().contiguous()  # [G, q]
         gpos = grid.g_idx[perm].tolist()
 
     U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
-    W, d = W[:, perm], d[perm]
-    codes = torch.zeros_like(W)  # [q, p] in processing order
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
-    for i1 in range(0, p, B):
-        i2 = min(i1 + B, p)
-        W1 = W[:, i1:i2].clone()  # [q, B] columns carrying all error feedback so far
-        Err1 = torch.zeros_like(W1)  # [q, B]
-        U1 = U[i1:i2, i1:i2]  # [B, B]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic and j % spec.group_size == 0:
-                g = fit_grid(W1[:, i : i + spec.group_size], spec, d[j : j + spec.group_size])
-                scale[:, gpos[j]], zero[:, gpos[j]] = g.scale[:, 0], g.zero[:, 0]
-            s, z = scale[:, gpos[j]], zero[:, gpos[j]]  # [q], [q]
-            c = torch.clamp(torch.round(W1[:, i] / s) + z, 0, spec.maxq)  # [q], same formula as Grid.quantize
-            err = (W1[:, i] - s * (c - z)) / U1[i, i]  # [q]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            codes[:, j], Err1[:, i] = c, err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    codes = _quantize_columns(W[:, perm].t().contiguous(), U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
 
     g_idx = torch.empty(p, dtype=torch.long, device=W.device)
     g_idx[perm] = torch.tensor(gpos, device=W.device)
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    qw = QuantizedWeight.from_codes(out, Grid(scale, zero, g_idx, spec.maxq), spec)
+    grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq)
+    qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
     loss = layer_loss(W_orig, qw.dequantize(), sigma)  # undamped Σ
     return SolveResult(qw, loss, [loss], [note] if note else [])

