@@ -75,6 +75,10 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Grid range: min-max, or searched to minimize the rounding error.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable).")
+@click.option("--outliers", type=float, default=None,
+              help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers (Ŵ = Q + H).")
+@click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
+              help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts columns).")
 @click.option("--calib", default="ptb", show_default=True, help="Calibration text: ptb, wiki, c4=PATH, or a file.")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows.")
 @click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window.")
@@ -90,13 +94,18 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with weights_only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
+@click.option("--format", "fmt", default="native", show_default=True,
+              help="Also export the finished checkpoint: compressed-tensors or gptq (the native one stays in --out).")
+@click.option("--export-out", default=None, type=click.Path(file_okay=False),
+              help="Folder for --format's export (default: OUT-FORMAT).")
 @click.option("--ppl", default=None, help="After quantizing, perplexity of the original and quantized model on these "
               "datasets (e.g. ptb,wiki).")
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def quantize(ctx, config_file, options, overwrite, restart, ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+def quantize(ctx, config_file, options, overwrite, restart, fmt, export_out, ppl, ppl_seqlen, ppl_limit, quiet,
+             **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
     An interrupted run continues from its last finished block when the same command is run again.
@@ -108,12 +117,32 @@ def quantize(ctx, config_file, options, overwrite, restart, ppl, ppl_seqlen, ppl
     given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     recipe = read_yaml(config_file) if config_file else {}
     values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
-    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options)}
+    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
+                                **_outlier_options(values["method"], outliers, outlier_structure)}
     config = api.QuantConfig.from_dict(values)
+    if fmt != "native":
+        from .checkpoint.export import export_checkpoint, precheck
+
+        opts = config.method_options
+        precheck(fmt, config.bits, config.group_size != -1 and config.method == "gptq"
+                 and opts.get("act_order", False) and not opts.get("static_groups", False))
     folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
     print_layers_summary(folder)
+    if fmt != "native":
+        exported = export_checkpoint(folder, export_out or f"{folder}-{fmt}", fmt, overwrite=overwrite)
+        click.echo(f"exported {exported} ({fmt})")
     if ppl:
         _print_ppl([config.model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device, quiet)
+
+
+def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:
+    """--outliers/--outlier-structure as quantease method options; other methods have no outliers."""
+    from .errors import UsageError
+
+    given = {k: v for k, v in (("outliers", outliers), ("outlier_structure", structure)) if v is not None}
+    if given and method.lower() != "quantease":
+        raise UsageError(f"--outliers/--outlier-structure need --method quantease (got {method!r})")
+    return given
 
 
 def _parse_options(items: tuple[str, ...]) -> dict:

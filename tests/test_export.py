@@ -342,3 +342,21 @@ def test_cli_export(checkpoint, tmp_path):
     res = CliRunner().invoke(main, ["export", str(checkpoint(3, -1, True)), "--format", "compressed-tensors",
                                     "--out", str(tmp_path / "c")])
     assert res.exit_code == UsageError.exit_code and "export with --format gptq" in res.output
+
+
+def test_quantize_with_format_exports_and_prechecks(tiny_llama, calib_file, tmp_path):
+    from click.testing import CliRunner
+
+    from quantease.cli import main
+
+    args = ["quantize", str(tiny_llama), "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32", "--quiet",
+            "--group-size", "32", "--format", "compressed-tensors"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "q3"), "--bits", "3"])
+    assert res.exit_code == 2 and "cannot hold 3-bit codes" in res.output
+    assert not (tmp_path / "q3").exists()  # refused before any work
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "q4"), "--bits", "4"])
+    assert res.exit_code == 0, res.output
+    exported = tmp_path / "q4-compressed-tensors"
+    config = json.loads((exported / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert (tmp_path / "q4" / "manifest.json").exists()  # the native checkpoint stays

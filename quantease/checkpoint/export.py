@@ -36,6 +36,7 @@ from .native import (INFO, MANIFEST, RUN_LOG, CheckpointWriter, _atomic_write_by
                      read_manifest)
 
 __all__ = ["EXPORTERS", "EXPORT_MANIFEST", "Exporter", "Source", "register", "get_exporter", "export_checkpoint",
+           "precheck",
            "read_source", "require", "uniform", "linear_names", "write_export"]
 
 EXPORT_MANIFEST = "quantease-export.json"
@@ -62,6 +63,21 @@ def get_exporter(fmt: str) -> Exporter:
     if key not in EXPORTERS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(sorted(EXPORTERS))}")
     return EXPORTERS[key]
+
+
+def precheck(fmt: str, bits: int, act_order_groups: bool) -> None:
+    """Refuse, before a long quantization starts, settings that `fmt` cannot hold (the exporter re-checks each layer)."""
+    from . import compressed_tensors, gptq
+
+    get_exporter(fmt)
+    supported = {compressed_tensors.FORMAT: compressed_tensors.SUPPORTED_BITS, gptq.FORMAT: gptq.SUPPORTED_BITS}
+    key = fmt.strip().lower().replace("_", "-")
+    if bits not in supported[key]:
+        raise UsageError(f"{fmt} cannot hold {bits}-bit codes (it takes {', '.join(map(str, supported[key]))}); "
+                         f"choose another --bits or --format")
+    if act_order_groups and key == compressed_tensors.FORMAT:
+        raise UsageError("compressed-tensors cannot hold act-order groups: add -o static_groups=true or use "
+                         "--format gptq")
 
 
 @dataclass(frozen=True)
