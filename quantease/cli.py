@@ -104,8 +104,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def quantize(ctx, config_file, options, overwrite, restart, fmt, export_out, ppl, ppl_seqlen, ppl_limit, quiet,
-             **settings) -> None:
+def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, restart, fmt, export_out, ppl,
+             ppl_seqlen, ppl_limit, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
     An interrupted run continues from its last finished block when the same command is run again.
