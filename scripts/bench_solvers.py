@@ -7,7 +7,7 @@ gives the time of one QuantEase sweep, its achieved GFLOP/s and a plain matmul o
 "diag 3" change one option of the default and run 3 rounded sweeps; "sweeps" is how many the default ran.
 The last row gives each error column's mean ratio to GPTQ's error, the mean sweeps and the total times.
 
-    python scripts/bench_solvers.py                       # the layers of /work/shared/SOLVER-NOTES.md
+    python scripts/bench_solvers.py                       # the layers of shared/SOLVER-NOTES.md
     python scripts/bench_solvers.py --layers all --blocks 2,15 --json out.json
 """
 from __future__ import annotations
