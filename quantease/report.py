@@ -78,8 +78,12 @@ def gather_runs(folder: Path) -> list[dict]:
                "bits_per_weight": round(s["bits_per_weight"], 4), "mean_rel_error": round(s["mean_rel_error"], 6),
                "fallbacks": len(s["fallbacks"])}
         evals = _json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+        best: dict[str, dict] = {}  # several protocols per dataset: report the one over the most tokens
         for r in evals.get("perplexity", {}).values():
-            row[f"ppl_{Path(r['dataset']).name}"] = round(r["ppl"], 3)  # a file dataset is labelled by its name
+            name = Path(r["dataset"]).name  # a file dataset is labelled by its name
+            if name not in best or r["tokens"] > best[name]["tokens"]:
+                best[name] = r
+        row.update({f"ppl_{name}": round(r["ppl"], 3) for name, r in best.items()})
         for key, r in evals.get("zeroshot", {}).items():
             metric = "acc" if "acc" in r else next((k for k, v in r.items() if isinstance(v, float)), None)
             if metric:
