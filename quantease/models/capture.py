@@ -32,9 +32,6 @@ class BlockInputs:
     hidden: list[torch.Tensor]  # each [batch, seqlen, hidden]
     calls: list[Call]
 
-    def __len__(self) -> int:
-        return len(self.hidden)
-
 
 class _Recorder(torch.nn.Module):
     """Stands in for block `index` during capture: records its call and passes the hidden states through."""

@@ -95,9 +95,6 @@ class SafetensorsIndex:
     def shape(self, name: str) -> list[int]:
         return self._handle(self.files[name]).get_slice(name).get_shape()
 
-    def dtype(self, name: str) -> str:
-        return self._handle(self.files[name]).get_slice(name).get_dtype()
-
 
 class PickleIndex(SafetensorsIndex):
     """The same interface over pytorch_model*.bin files, memory-mapped and loaded with weights_only=True."""
@@ -120,9 +117,6 @@ class PickleIndex(SafetensorsIndex):
 
     def shape(self, name: str) -> list[int]:
         return list(self.get(name).shape)
-
-    def dtype(self, name: str) -> str:
-        return str(self.get(name).dtype)
 
 
 class LazyModel:

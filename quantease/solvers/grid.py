@@ -88,10 +88,6 @@ class Grid:
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return self._apply(codes.to(self.scale.dtype), lambda c, s, z: s * (c - z))
 
-    def round(self, W: torch.Tensor) -> torch.Tensor:
-        """Nearest grid point of each entry of W: dequantize(quantize(W))."""
-        return self.dequantize(self.quantize(W))
-
 
 def _range_to_grid(wmin: torch.Tensor, wmax: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero putting [wmin, wmax] (each [..]) onto the integer range [0, maxq]."""
