@@ -79,6 +79,10 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers (Ŵ = Q + H).")
 @click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
               help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts columns).")
+@click.option("--ffsplit", default=0.0, show_default=True, type=float,
+              help="FFSplit: heavy-hitter neurons per FFN (fraction < 1, or a count) quantized with --heavy-bits.")
+@click.option("--heavy-bits", default=8, show_default=True, type=int,
+              help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16.")
 @click.option("--calib", default="ptb", show_default=True, help="Calibration text: ptb, wiki, c4=PATH, or a file.")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows.")
 @click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window.")

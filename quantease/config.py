@@ -23,6 +23,8 @@ class QuantConfig:
     sym: bool = False
     clip: str = "minmax"  # grid range: "minmax" or "mse" (error-minimizing search)
     method_options: dict[str, Any] = field(default_factory=dict)  # the solver's own options, by name
+    ffsplit: float = 0.0  # FFSplit heavy neurons per FFN: a fraction (< 1) or a count; 0 = off
+    heavy_bits: int = 8  # bits of the heavy neurons' weights (2..8), or 16 = kept in fp16
     calib: str = "ptb"  # data source name, name=PATH, or a text file
     nsamples: int = 128
     seqlen: int = 2048
@@ -42,6 +44,10 @@ class QuantConfig:
             get_solver(self.method).make_options(self.method_options)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if self.ffsplit < 0 or (self.ffsplit >= 1 and self.ffsplit != int(self.ffsplit)):
+            raise UsageError(f"ffsplit must be a fraction in [0, 1) or a whole count of neurons, got {self.ffsplit}")
+        if not (2 <= self.heavy_bits <= 8 or self.heavy_bits == 16):
+            raise UsageError(f"heavy_bits must be in 2..8, or 16 for full precision, got {self.heavy_bits}")
         for name in ("nsamples", "seqlen", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
@@ -55,7 +61,11 @@ class QuantConfig:
         return get_solver(self.method).make_options(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """All settings; the FFSplit ones only when FFSplit is on, so other runs' checkpoints stay as they were."""
+        values = asdict(self)
+        if not self.ffsplit:
+            del values["ffsplit"], values["heavy_bits"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":

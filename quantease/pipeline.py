@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from .errors import CheckpointError, NumericalError, ResourceError, UsageError
 from .models.capture import BlockInputs, Call, capture_block_inputs, collect_sigmas, run_block
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
+from .models.registry import FFNSpec
 from .solvers import GridSpec, SolveResult, get_solver
 
 __all__ = ["quantize", "quantize_block", "resolve_device", "LayerRecord"]
@@ -59,22 +60,35 @@ class LayerRecord:
     reference: float  # tr(W Σ Wᵀ): the output energy the error is relative to
     seconds: float
     tensors: dict[str, torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)  # entry fields that replace or add to the result's (FFSplit)
 
     def info(self, spec: GridSpec, method: str) -> dict[str, Any]:
         r = self.result
         q, p = r.weight.shape
-        return {
+        info = {
             "out_features": q, "in_features": p, "bits": spec.bits, "group_size": spec.group_size,
             "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method,
             "loss": r.loss, "rel_error": r.loss / self.reference if self.reference > 0 else 0.0,
             "history": r.history, "notes": r.notes, "bits_per_weight": effective_bits(self.tensors, q, p),
         }
+        if r.weight.outliers is not None:
+            info["outliers"] = {"structure": r.weight.outliers.structure, "count": r.weight.outliers.count}
+        if self.extra:  # a split layer: shape and loss of the whole layer, bits counted over all its tensors
+            info.update(self.extra, method=method)
+            q, p = info["out_features"], info["in_features"]
+            info["rel_error"] = info["loss"] / self.reference if self.reference > 0 else 0.0
+            info["bits_per_weight"] = effective_bits(self.tensors, q, p)
+        return info
 
 
-def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig) -> LayerRecord:
+def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig,
+                 split: tuple[str, torch.Tensor] | None = None) -> LayerRecord:
+    """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts."""
     W = weight_matrix(module).float()
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name} has NaN/Inf weights")
+    if split is not None:
+        return _solve_split_layer(module, W, sigma, config, split)
     entry = get_solver(config.method)
     start = time.perf_counter()
     result = entry.solve(W, sigma, config.grid(), config.solver_options())
@@ -84,21 +98,57 @@ def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config
     return LayerRecord(result, reference, seconds, encode(result.weight))
 
 
+def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Tensor, config: QuantConfig,
+                       split: tuple[str, torch.Tensor]) -> LayerRecord:
+    from .ffsplit import solve_split
+
+    start = time.perf_counter()
+    layer = solve_split(W, sigma, split[0], split[1], config)
+    seconds = time.perf_counter() - start
+    set_weight_matrix(module, layer.W_hat)
+    reference = float(((W.double() @ sigma.double()) * W.double()).sum())
+    return LayerRecord(layer.light, reference, seconds, layer.tensors, layer.extra)
+
+
+def _heavy_neurons(block: torch.nn.Module, ffn: FFNSpec, sigma_down: torch.Tensor, config: QuantConfig
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """FFSplit's heavy set (sorted neuron indices) and the block's heavy-hitter statistics."""
+    from .ffsplit import heavy_count, heavy_hitter_stats, neuron_scores
+
+    scores = neuron_scores(sigma_down, weight_matrix(block.get_submodule(ffn.down)))  # [I]
+    k = heavy_count(config.ffsplit, scores.numel())
+    heavy = torch.topk(scores, k).indices.sort().values
+    return heavy, heavy_hitter_stats(scores, heavy)
+
+
 def quantize_block(
     block: torch.nn.Module, groups: tuple[tuple[str, ...], ...], inputs: BlockInputs, config: QuantConfig,
-    observe: Callable[[str, torch.Tensor], None] | None = None,
+    observe: Callable[[str, torch.Tensor], None] | None = None, ffn: FFNSpec | None = None,
 ) -> tuple[dict[str, LayerRecord], list[torch.Tensor]]:
-    """Quantize every linear of one block in place; return their records and the block's output hidden states."""
+    """Quantize every linear of one block in place; return their records and the block's output hidden states.
+
+    With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
+    down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py."""
     original_outputs = None if config.propagate else run_block(block, inputs)
     stages = [[g] for g in groups] if config.sequential else [list(groups)]
     records: dict[str, LayerRecord] = {}
+    split_on = bool(config.ffsplit) and ffn is not None
+    axis = {ffn.up: "rows", ffn.gate: "rows", ffn.down: "cols"} if split_on else {}
+    heavy: torch.Tensor | None = None
     for stage in stages:
-        sigmas = collect_sigmas(block, stage, inputs)
+        scoring = split_on and heavy is None and any(ffn.up in g for g in stage)
+        down = [(ffn.down,)] if scoring and (ffn.down,) not in stage else []
+        sigmas = collect_sigmas(block, stage + down, inputs)
+        if scoring:
+            heavy, stats = _heavy_neurons(block, ffn, sigmas[(ffn.down,)], config)
         for group in stage:
             for name in group:
                 if observe:
                     observe(name, sigmas[group])
-                records[name] = _solve_layer(block.get_submodule(name), sigmas[group], name, config)
+                split = (axis[name], heavy) if name in axis and heavy is not None else None
+                records[name] = _solve_layer(block.get_submodule(name), sigmas[group], name, config, split)
+    if split_on and heavy is not None:
+        records[ffn.down].extra["heavy_hitters"] = stats
     return records, original_outputs or run_block(block, inputs)
 
 
@@ -122,6 +172,13 @@ def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
             spec.groups(matrix_shape(lazy.blocks[0].get_submodule(name))[1])
         except ValueError as e:
             raise UsageError(f"{e} (layer {name})") from None
+
+
+def _check_ffsplit(lazy: LazyModel, config: QuantConfig) -> None:
+    ffn = lazy.arch.ffn
+    if config.ffsplit and (ffn is None or ffn.fused_gate_up):
+        what = "no FFN spec" if ffn is None else "a fused [gate; up] projection"
+        raise UsageError(f"--ffsplit is not supported for {lazy.config.model_type} ({what}); drop --ffsplit")
 
 
 def _check_disk(out: Path, lazy: LazyModel, config: QuantConfig) -> None:
@@ -203,7 +260,8 @@ class _Run:
         obs = (lambda name, s: observe(i, name, s)) if observe else None
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            records, outputs = quantize_block(block, self.lazy.arch.groups, inputs, self.config, obs)
+            records, outputs = quantize_block(block, self.lazy.arch.groups, inputs, self.config, obs,
+                                              ffn=self.lazy.arch.ffn)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, or use --device cpu") from None
@@ -245,6 +303,7 @@ def quantize(
     path = resolve_model_path(config.model, config.allow_pickle)
     lazy = LazyModel(path)
     _check_shapes(lazy, config.grid())
+    _check_ffsplit(lazy, config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
                                   config.seqlen, config.seed)
@@ -286,4 +345,12 @@ def _info(config: QuantConfig, lazy: LazyModel, path: Path, calib_sha: str, fp: 
             "fallbacks": [f"{name}: {n}" for name, l in layers.items() for n in l["notes"]],
         },
         "layers": layers,
-    }
+    } | _ffsplit_summary(config, layers)
+
+
+def _ffsplit_summary(config: QuantConfig, layers: dict[str, Any]) -> dict[str, Any]:
+    """quantease.json's "ffsplit" section (only when FFSplit is on): heavy-hitter statistics per FFN."""
+    if not config.ffsplit:
+        return {}
+    stats = {name: l["heavy_hitters"] for name, l in layers.items() if "heavy_hitters" in l}
+    return {"ffsplit": {"heavy": config.ffsplit, "heavy_bits": config.heavy_bits, "layers": stats}}

@@ -97,3 +97,12 @@ def tiny_llama(tokenizer_dir, tmp_path_factory) -> Path:
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     return save_tiny_model(tiny_config("llama", vocab), tokenizer_dir, tmp_path_factory.mktemp("llama1"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny solver problems: a second thread costs more than it saves, and stalls when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

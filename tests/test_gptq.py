@@ -11,13 +11,7 @@ from quantease.solvers import GridSpec, fit_grid, get_solver, layer_loss
 GPTQ, RTN = get_solver("gptq"), get_solver("rtn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second thread costs more than it saves, and stalls when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(W, S, spec, **options):

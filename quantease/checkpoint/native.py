@@ -21,26 +21,33 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..solvers.base import QuantizedWeight
+from ..solvers.base import Outliers, QuantizedWeight
 from ..solvers.grid import Grid
 from .packing import pack, packed_words, unpack
 from .resume import fault_point
 
 __all__ = [
     "FORMAT",
+    "Dims",
     "TensorSchema",
     "quantized_schema",
     "encode",
     "decode_grid",
+    "decode_outliers",
     "dequantize_tensors",
     "effective_bits",
+    "split_schema",
+    "encode_split",
+    "split_indices",
+    "part_weights",
+    "layer_suffixes",
     "CheckpointWriter",
     "read_manifest",
     "verify_manifest",
@@ -54,23 +61,101 @@ RUN_LOG = "run.json"  # timings of this particular run: not part of the checkpoi
 OUTER_SHARD = "model-outer.safetensors"
 
 
+class Dims(NamedTuple):
+    """What a layer's stored tensor shapes depend on."""
+
+    q: int
+    p: int
+    bits: int
+    groups: int
+    sym: bool
+    perm: bool  # non-contiguous groups (act-order GPTQ without static groups)
+    outliers: str | None = None  # None | "unstructured" | "column"
+    count: int = 0  # outlier nonzeros (unstructured) or columns (column)
+
+
 @dataclass(frozen=True)
 class TensorSchema:
     suffix: str
     dtype: torch.dtype
-    shape: Callable[[int, int, int, int], tuple[int, ...]]  # (q, p, bits, groups) -> shape
-    when: Callable[[bool, bool], bool] = lambda sym, grouped_perm: True  # (sym, has non-contiguous groups)
+    shape: Callable[[Dims], tuple[int, ...]]
+    when: Callable[[Dims], bool] = lambda d: True
 
 
 def quantized_schema() -> tuple[TensorSchema, ...]:
     """The tensors stored for one quantized linear `NAME` (as NAME.suffix); zero points are packed along the
-    output dimension (as GPTQ's qzeros), so that few groups per row do not waste a padded word each."""
+    output dimension (as GPTQ's qzeros), so that few groups per row do not waste a padded word each. Sparse
+    outliers H (Ŵ = Q + H) are stored as flat indices i·p + j and fp16 values, or as column indices and the
+    [q, s] fp16 block of those columns."""
     return (
-        TensorSchema("qweight", torch.int32, lambda q, p, b, G: (q, packed_words(p, b))),
-        TensorSchema("scales", torch.float16, lambda q, p, b, G: (q, G)),
-        TensorSchema("qzeros", torch.int32, lambda q, p, b, G: (G, packed_words(q, b)), lambda sym, perm: not sym),
-        TensorSchema("g_idx", torch.int32, lambda q, p, b, G: (p,), lambda sym, perm: perm),
+        TensorSchema("qweight", torch.int32, lambda d: (d.q, packed_words(d.p, d.bits))),
+        TensorSchema("scales", torch.float16, lambda d: (d.q, d.groups)),
+        TensorSchema("qzeros", torch.int32, lambda d: (d.groups, packed_words(d.q, d.bits)), lambda d: not d.sym),
+        TensorSchema("g_idx", torch.int32, lambda d: (d.p,), lambda d: d.perm),
+        TensorSchema("outlier_idx", torch.int32, lambda d: (d.count,), lambda d: d.outliers == "unstructured"),
+        TensorSchema("outlier_val", torch.float16, lambda d: (d.count,), lambda d: d.outliers == "unstructured"),
+        TensorSchema("outlier_cols", torch.int32, lambda d: (d.count,), lambda d: d.outliers == "column"),
+        TensorSchema("outlier_colval", torch.float16, lambda d: (d.q, d.count), lambda d: d.outliers == "column"),
     )
+
+
+def split_schema() -> tuple[TensorSchema, ...]:
+    """The extra tensors of an FFSplit layer (quantease.json entry has "parts"): the heavy neurons' indices, and a
+    part kept in full precision as PART.weight. A quantized part PART stores `quantized_schema()` as PART.suffix
+    with its own Dims (rows: [k, p] or [q - k, p]; columns: [q, k] or [q, p - k]). `Dims.count` is k here."""
+    return (
+        TensorSchema("heavy_index", torch.int32, lambda d: (d.count,)),
+        TensorSchema("weight", torch.float16, lambda d: (d.q, d.p)),
+    )
+
+
+def encode_split(parts: dict[str, QuantizedWeight | torch.Tensor], heavy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensors of an FFSplit layer: heavy_index [k] int32, then each part encoded under its name (a plain tensor is a
+    full-precision part, stored as PART.weight fp16)."""
+    out = {"heavy_index": heavy.cpu().to(torch.int32)}
+    for name, part in parts.items():
+        if isinstance(part, QuantizedWeight):
+            out.update({f"{name}.{k}": t for k, t in encode(part).items()})
+        else:
+            out[f"{name}.weight"] = part.cpu().to(torch.float16).contiguous()
+    return out
+
+
+def split_indices(meta: dict[str, Any], heavy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Part name -> the rows ("rows") or columns ("cols") of the full weight it holds, in order."""
+    n = meta["out_features"] if meta["split_axis"] == "rows" else meta["in_features"]
+    light = torch.ones(n, dtype=torch.bool, device=heavy.device)
+    light[heavy.long()] = False
+    return {"heavy": heavy.long(), "light": torch.nonzero(light).flatten()}
+
+
+def part_weights(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Part name -> its dense weight (fp32), [k, p] / [q - k, p] for rows, [q, k] / [q, p - k] for columns."""
+    out = {}
+    for part in meta["parts"]:
+        name = part["name"]
+        own = {k.removeprefix(f"{name}."): t for k, t in tensors.items() if k.startswith(f"{name}.")}
+        out[name] = own["weight"].float() if part["bits"] == 16 else dequantize_tensors(own, part)
+    return out
+
+
+def _dequantize_split(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+    W = torch.zeros(meta["out_features"], meta["in_features"], device=tensors["heavy_index"].device)  # [q, p]
+    index = split_indices(meta, tensors["heavy_index"])
+    for name, Wp in part_weights(tensors, meta).items():
+        if meta["split_axis"] == "rows":
+            W[index[name]] = Wp
+        else:
+            W[:, index[name]] = Wp
+    return W
+
+
+def layer_suffixes(meta: dict[str, Any]) -> list[str]:
+    """Every tensor suffix a layer may store, given its quantease.json entry."""
+    base = [s.suffix for s in quantized_schema()]
+    if "parts" not in meta:
+        return base
+    return ["heavy_index"] + [f"{p['name']}.{s}" for p in meta["parts"] for s in base + ["weight"]]
 
 
 def _contiguous(g_idx: torch.Tensor, groups: int) -> bool:
@@ -88,15 +173,29 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         "qzeros": pack(grid.zero.cpu().T.to(torch.uint8), qw.bits),  # along q, as GPTQ
         "g_idx": grid.g_idx.cpu().to(torch.int32),
     }
-    perm = not _contiguous(grid.g_idx, G)
+    o = qw.outliers
+    if o is not None:
+        key = ("outlier_cols", "outlier_colval") if o.structure == "column" else ("outlier_idx", "outlier_val")
+        out.update(zip(key, (o.index.cpu().to(torch.int32), o.values.cpu().to(torch.float16))))
     q, p = qw.shape
+    dims = Dims(q, p, qw.bits, G, qw.sym, not _contiguous(grid.g_idx, G), o.structure if o else None,
+                o.count if o else 0)
     tensors = {}
     for s in quantized_schema():
-        if s.when(qw.sym, perm):
+        if s.when(dims):
             t = out[s.suffix]
-            assert t.dtype == s.dtype and tuple(t.shape) == s.shape(q, p, qw.bits, G), s.suffix
+            assert t.dtype == s.dtype and tuple(t.shape) == s.shape(dims), s.suffix
             tensors[s.suffix] = t.contiguous()
     return tensors
+
+
+def decode_outliers(tensors: dict[str, torch.Tensor]) -> Outliers | None:
+    """The sparse outliers stored with a layer, or None."""
+    if "outlier_idx" in tensors:
+        return Outliers("unstructured", tensors["outlier_idx"].long(), tensors["outlier_val"])
+    if "outlier_cols" in tensors:
+        return Outliers("column", tensors["outlier_cols"].long(), tensors["outlier_colval"])
+    return None
 
 
 def decode_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[torch.Tensor, Grid]:
@@ -113,8 +212,13 @@ def decode_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple
 
 
 def dequantize_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+    """Ŵ [q, p] fp32 = Q + H, bit-for-bit the solver's QuantizedWeight.dequantize() (FFSplit: parts reassembled)."""
+    if "parts" in meta:
+        return _dequantize_split(tensors, meta)
     codes, grid = decode_grid(tensors, meta)
-    return grid.dequantize(codes.float())
+    Q = grid.dequantize(codes.float())
+    H = decode_outliers(tensors)
+    return Q if H is None else Q + H.dense(*Q.shape)
 
 
 def effective_bits(tensors: dict[str, torch.Tensor], q: int, p: int) -> float:

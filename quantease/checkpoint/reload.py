@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import CheckpointError
 from ..nn import QuantLinear
-from .native import INFO, MANIFEST, dequantize_tensors, quantized_schema, read_manifest
+from .native import INFO, MANIFEST, dequantize_tensors, layer_suffixes, read_manifest
 from .resume import RESUME_DIR
 
 __all__ = ["is_quantized_checkpoint", "load_quantized", "read_info"]
@@ -48,9 +48,8 @@ def load_quantized(folder: str | Path, dense: bool = False, dtype: torch.dtype =
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _read_all(folder)
-    suffixes = [s.suffix for s in quantized_schema()]
     for name, meta in info["layers"].items():
-        parts = {s: tensors.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in tensors}
+        parts = {s: tensors.pop(f"{name}.{s}") for s in layer_suffixes(meta) if f"{name}.{s}" in tensors}
         bias = tensors.pop(f"{name}.bias", None)
         if dense:
             layer = torch.nn.Linear(meta["in_features"], meta["out_features"], bias=bias is not None, dtype=dtype)

@@ -14,6 +14,7 @@ import torch
 from .grid import Grid, GridSpec
 
 __all__ = [
+    "Outliers",
     "QuantizedWeight",
     "SolveResult",
     "SolverEntry",
@@ -24,15 +25,46 @@ __all__ = [
 ]
 
 
+OUTLIER_STRUCTURES = ("unstructured", "column")
+
+
+@dataclass
+class Outliers:
+    """A sparse full-precision (fp16) correction H added to the quantized weight.
+
+    unstructured: index [nnz] int64 flat positions i·p + j, values [nnz] fp16.
+    column:       index [s] int64 input columns (sorted), values [q, s] fp16 (H[:, index] = values)."""
+
+    structure: str  # "unstructured" | "column"
+    index: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """Nonzeros allowed (unstructured) or columns (column)."""
+        return int(self.index.numel())
+
+    def dense(self, q: int, p: int) -> torch.Tensor:
+        """H [q, p] in fp32."""
+        H = torch.zeros(q, p, device=self.values.device)
+        if self.structure == "column":
+            H[:, self.index] = self.values.float()
+        else:
+            H.view(-1)[self.index] = self.values.float()
+        return H
+
+
 @dataclass
 class QuantizedWeight:
-    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · (codes[i, j] - zero[i, g(j)])."""
+    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · (codes[i, j] - zero[i, g(j)]),
+    plus the sparse fp16 outliers H when present (Ŵ = Q + H)."""
 
     codes: torch.Tensor  # [q, p] uint8
     grid: Grid
     bits: int
     group_size: int  # -1: per channel
     sym: bool
+    outliers: Outliers | None = None
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, grid: Grid, spec: GridSpec) -> "QuantizedWeight":
@@ -44,7 +76,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """Ŵ [q, p] in fp32."""
-        return self.grid.dequantize(self.codes.float())
+        Q = self.grid.dequantize(self.codes.float())
+        return Q if self.outliers is None else Q + self.outliers.dense(*Q.shape)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .base import QuantizedWeight, SolveResult, get_solver, layer_loss, register
 from .gptq import GPTQOptions, check_layer
 from .grid import Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "sweep_flops"]
+__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -43,13 +43,23 @@ class QuantEaseOptions:
     gptq_damp: float = 0.01  # options of the GPTQ initialization
     gptq_act_order: bool = True
     gptq_static_groups: bool = True  # groups stay contiguous in the checkpoint
+    outliers: float = 0.0  # > 0: outlier-aware QuantEase (solvers/outliers.py); < 1 a fraction, else a count
+    outlier_structure: str = "unstructured"  # "unstructured" (entries of W) | "column" (whole input columns)
+    outlier_iters: int = 10  # alternations of one CD sweep on Q and one IHT step on H
 
     def __post_init__(self) -> None:
+        if self.outlier_structure not in ("unstructured", "column"):
+            raise UsageError(f"quantease outlier_structure must be 'unstructured' or 'column', "
+                             f"got {self.outlier_structure!r}")
+        if self.outliers >= 1 and self.outliers != int(self.outliers):
+            raise UsageError(f"quantease outliers must be a fraction < 1 or a whole count, got {self.outliers}")
+        if self.outlier_iters < 1:
+            raise UsageError(f"quantease outlier_iters must be >= 1, got {self.outlier_iters}")
         if self.init not in ("gptq", "w"):
             raise UsageError(f"quantease init must be 'gptq' or 'w', got {self.init!r}")
         if self.order not in ("natural", "diag"):
             raise UsageError(f"quantease order must be 'natural' or 'diag', got {self.order!r}")
-        for name in ("sweeps", "relax_sweeps", "tol", "damp"):
+        for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers"):
             if getattr(self, name) < 0:
                 raise UsageError(f"quantease {name} must be >= 0, got {getattr(self, name)}")
         if self.block_size < 1:
@@ -106,6 +116,20 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         Qt[i1:i2] = N1
 
 
+def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
+             damp: float = 0.0) -> torch.Tensor:
+    """One rounded CD sweep (natural order) of Q [q, p], on `grid`, toward the target T [q, p]: the QuantEase update
+    for f(Q) = tr((Q - T) Σ (Q - T)ᵀ). Returns the new Q [q, p]; dead inputs keep their entries."""
+    Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
+    st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
+    d = torch.diagonal(sigma)
+    lam = damp * float(d.mean())
+    dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
+    Gt, _ = _residual(Qt, Tt, sigma, lam)
+    _sweep(Qt, Gt, sigma, dinv, st, zt, grid.maxq, block_size, relaxed=False)
+    return Qt.t()
+
+
 def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions
                 ) -> tuple[torch.Tensor, Grid, list[str]]:
     """Starting Ŵ, the grid CD keeps fixed, and notes from the initialization."""
@@ -124,6 +148,10 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
 
     history: f of the initial quantized Ŵ (RTN on the grid for init="w", whose sweeps start from W itself), then
     f after each rounded sweep (fp32, undamped Σ). Relaxed iterates are off the grid and are not recorded."""
+    if options.outliers > 0:
+        from .outliers import solve_with_outliers
+
+        return solve_with_outliers(W, sigma, spec, options)
     check_layer(W, sigma)
     W, Sigma = W.float(), sigma.float()
     Q, grid, notes = _initialize(W, Sigma, spec, options)
