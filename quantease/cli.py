@@ -136,7 +136,7 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         exported = export_checkpoint(folder, export_out or f"{folder}-{fmt}", fmt, overwrite=overwrite)
         click.echo(f"exported {exported} ({fmt})")
     if ppl:
-        _print_ppl([config.model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device, quiet)
+        _print_ppl([config.model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device, quiet, dense=True)
 
 
 def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:
