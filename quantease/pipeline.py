@@ -81,6 +81,11 @@ class LayerRecord:
         return info
 
 
+def _output_energy(W: torch.Tensor, sigma: torch.Tensor) -> float:
+    """tr(W Σ Wᵀ) in fp64: what each layer's relative error is relative to."""
+    return float(((W.double() @ sigma.double()) * W.double()).sum())
+
+
 def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig,
                  split: tuple[str, torch.Tensor] | None = None) -> LayerRecord:
     """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts."""
@@ -94,7 +99,7 @@ def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config
     result = entry.solve(W, sigma, config.grid(), config.solver_options())
     seconds = time.perf_counter() - start
     set_weight_matrix(module, result.weight.dequantize())
-    reference = float(((W.double() @ sigma.double()) * W.double()).sum())
+    reference = _output_energy(W, sigma)
     return LayerRecord(result, reference, seconds, encode(result.weight))
 
 
@@ -106,7 +111,7 @@ def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Te
     layer = solve_split(W, sigma, split[0], split[1], config)
     seconds = time.perf_counter() - start
     set_weight_matrix(module, layer.W_hat)
-    reference = float(((W.double() @ sigma.double()) * W.double()).sum())
+    reference = _output_energy(W, sigma)
     return LayerRecord(layer.light, reference, seconds, layer.tensors, layer.extra)
 
 
