@@ -126,10 +126,12 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
     config = api.QuantConfig.from_dict(values)
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
+        from .models.reader import read_config, resolve_model_path
 
         opts = config.method_options
+        model_type = read_config(resolve_model_path(config.model, config.allow_pickle)).model_type
         precheck(fmt, config.bits, config.group_size != -1 and config.method == "gptq"
-                 and opts.get("act_order", False) and not opts.get("static_groups", False))
+                 and opts.get("act_order", False) and not opts.get("static_groups", False), model_type)
     folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
     print_layers_summary(folder)
     if fmt != "native":

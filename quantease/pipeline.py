@@ -30,11 +30,11 @@ from .config import QuantConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, fingerprint, tokenize
 from .errors import CheckpointError, NumericalError, ResourceError, UsageError
-from .models.capture import BlockInputs, Call, capture_block_inputs, collect_sigmas, run_block
+from .models.capture import BlockInputs, Call, capture_block_inputs, collect_grams, run_block
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
-from .models.registry import FFNSpec
-from .solvers import GridSpec, SolveResult, get_solver
+from .models.registry import ArchSpec, FFNSpec
+from .solvers import GridSpec, SolveResult, get_solver, layer_loss
 
 __all__ = ["quantize", "quantize_block", "resolve_device", "LayerRecord"]
 
@@ -86,21 +86,36 @@ def _output_energy(W: torch.Tensor, sigma: torch.Tensor) -> float:
     return float(((W.double() @ sigma.double()) * W.double()).sum())
 
 
-def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig,
-                 split: tuple[str, torch.Tensor] | None = None) -> LayerRecord:
-    """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts."""
+def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor | None, name: str, config: QuantConfig,
+                 split: tuple[str, torch.Tensor] | None = None, fallback: str | None = None) -> LayerRecord:
+    """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts; `fallback`
+    (why) rounds it with RTN instead of the configured solver. Σ is None when the layer saw no calibration token."""
     W = weight_matrix(module).float()
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name} has NaN/Inf weights")
     if split is not None:
         return _solve_split_layer(module, W, sigma, config, split)
-    entry = get_solver(config.method)
     start = time.perf_counter()
-    result = entry.solve(W, sigma, config.grid(), config.solver_options())
+    if fallback is None and sigma is not None:
+        result = get_solver(config.method).solve(W, sigma, config.grid(), config.solver_options())
+    else:
+        rtn = get_solver("rtn")
+        result = rtn.solve(W, None, config.grid(), rtn.make_options())
+        result.loss = 0.0 if sigma is None else layer_loss(W, result.weight.dequantize(), sigma)
+        result.history, result.notes = [result.loss], [fallback] if fallback else []
     seconds = time.perf_counter() - start
     set_weight_matrix(module, result.weight.dequantize())
-    reference = _output_energy(W, sigma)
+    reference = 0.0 if sigma is None else _output_energy(W, sigma)
     return LayerRecord(result, reference, seconds, encode(result.weight))
+
+
+def _starved(arch: ArchSpec, name: str, module: torch.nn.Module, tokens: int, method: str) -> str | None:
+    """Why a routed expert is rounded with RTN: fewer calibration tokens than inputs leave its Σ singular, and a
+    solver fitted to so few tokens overfits them."""
+    p = matrix_shape(module)[1]
+    if not arch.is_expert(name) or tokens >= p or method == "rtn":
+        return None
+    return f"expert got {tokens} calibration tokens (fewer than its {p} inputs): RTN instead of {method}"
 
 
 def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Tensor, config: QuantConfig,
@@ -127,31 +142,36 @@ def _heavy_neurons(block: torch.nn.Module, ffn: FFNSpec, sigma_down: torch.Tenso
 
 
 def quantize_block(
-    block: torch.nn.Module, groups: tuple[tuple[str, ...], ...], inputs: BlockInputs, config: QuantConfig,
-    observe: Callable[[str, torch.Tensor], None] | None = None, ffn: FFNSpec | None = None,
+    block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
+    observe: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[dict[str, LayerRecord], list[torch.Tensor]]:
     """Quantize every linear of one block in place; return their records and the block's output hidden states.
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
     down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py."""
     original_outputs = None if config.propagate else run_block(block, inputs)
-    stages = [[g] for g in groups] if config.sequential else [list(groups)]
+    stages = arch.stages(block, config.sequential)
     records: dict[str, LayerRecord] = {}
+    ffn = arch.ffn
     split_on = bool(config.ffsplit) and ffn is not None
     axis = {ffn.up: "rows", ffn.gate: "rows", ffn.down: "cols"} if split_on else {}
     heavy: torch.Tensor | None = None
     for stage in stages:
         scoring = split_on and heavy is None and any(ffn.up in g for g in stage)
         down = [(ffn.down,)] if scoring and (ffn.down,) not in stage else []
-        sigmas = collect_sigmas(block, stage + down, inputs)
+        grams = collect_grams(block, stage + down, inputs)
         if scoring:
-            heavy, stats = _heavy_neurons(block, ffn, sigmas[(ffn.down,)], config)
+            heavy, stats = _heavy_neurons(block, ffn, grams[(ffn.down,)].sigma(), config)
         for group in stage:
+            gram = grams.get(group)
+            sigma = None if gram is None else gram.sigma()
             for name in group:
-                if observe:
-                    observe(name, sigmas[group])
+                module = block.get_submodule(name)
+                fallback = _starved(arch, name, module, 0 if gram is None else gram.count, config.method)
+                if observe and sigma is not None:
+                    observe(name, sigma)
                 split = (axis[name], heavy) if name in axis and heavy is not None else None
-                records[name] = _solve_layer(block.get_submodule(name), sigmas[group], name, config, split)
+                records[name] = _solve_layer(module, sigma, name, config, split, fallback)
     if split_on and heavy is not None:
         records[ffn.down].extra["heavy_hitters"] = stats
     return records, original_outputs or run_block(block, inputs)
@@ -172,11 +192,12 @@ def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> 
 
 def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
     """Fail before any work if the group size does not divide some layer's input size."""
-    for name in lazy.arch.linears:
-        try:
-            spec.groups(matrix_shape(lazy.blocks[0].get_submodule(name))[1])
-        except ValueError as e:
-            raise UsageError(f"{e} (layer {name})") from None
+    for block in lazy.blocks:
+        for name in lazy.arch.block_linears(block):
+            try:
+                spec.groups(matrix_shape(block.get_submodule(name))[1])
+            except ValueError as e:
+                raise UsageError(f"{e} (layer {name})") from None
 
 
 def _check_ffsplit(lazy: LazyModel, config: QuantConfig) -> None:
@@ -265,8 +286,7 @@ class _Run:
         obs = (lambda name, s: observe(i, name, s)) if observe else None
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            records, outputs = quantize_block(block, self.lazy.arch.groups, inputs, self.config, obs,
-                                              ffn=self.lazy.arch.ffn)
+            records, outputs = quantize_block(block, self.lazy.arch, inputs, self.config, obs)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, or use --device cpu") from None

@@ -18,6 +18,8 @@ SHAPE = dict(hidden_size=H, intermediate_size=F, num_hidden_layers=L, num_attent
              max_position_embeddings=256)
 GQA = dict(SHAPE, num_key_value_heads=2)
 SLIDING = dict(GQA, head_dim=16, sliding_window=16)  # shorter than the test sequences: masks differ per layer
+E = 4  # routed experts, 2 per token
+MOE = dict(GQA, num_experts=E, num_experts_per_tok=2, moe_intermediate_size=32)
 CONFIGS = {
     "llama": lambda v: T.LlamaConfig(vocab_size=v, **GQA),
     "mistral": lambda v: T.MistralConfig(vocab_size=v, **GQA),
@@ -34,7 +36,14 @@ CONFIGS = {
     "falcon": lambda v: T.FalconConfig(vocab_size=v, hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS),
     "gpt_neox": lambda v: T.GPTNeoXConfig(vocab_size=v, **SHAPE),
     "gpt2": lambda v: T.GPT2Config(vocab_size=v, n_embd=H, n_layer=L, n_head=HEADS, n_positions=256),
+    "mixtral": lambda v: T.MixtralConfig(vocab_size=v, num_local_experts=E, num_experts_per_tok=2, **GQA),
+    # block 0 is a dense MLP (mlp_only_layers), block 1 routed experts plus a shared expert
+    "qwen2_moe": lambda v: T.Qwen2MoeConfig(vocab_size=v, shared_expert_intermediate_size=F, mlp_only_layers=[0],
+                                            **MOE),
+    "qwen3_moe": lambda v: T.Qwen3MoeConfig(vocab_size=v, head_dim=16, **MOE),
 }
+# Quantized linears per model: attention (4) + FFN (3) per dense block; MoE blocks have 3 per routed expert
+LINEARS = {"mixtral": L * (4 + 3 * E), "qwen2_moe": (4 + 3) + (4 + 3 + 3 * E), "qwen3_moe": L * (4 + 3 * E)}
 
 
 def test_every_registered_family_is_tested():
@@ -81,7 +90,7 @@ def test_family_quantizes_and_reloads(family_model, method, calib_file, tmp_path
                                    group_size=32, calib=str(calib_file), nsamples=4, seqlen=64, device="cpu"),
                        progress=False)
         model, _, info = load(out)
-        assert len(info["layers"]) == L * len(get_arch(model_type).linears)
+        assert len(info["layers"]) == LINEARS.get(model_type, L * len(get_arch(model_type).linears))
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         errors[bits] = float((logits - reference).norm() / (reference - reference.mean(-1, keepdim=True)).norm())

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
+from ..models.registry import get_arch
 from .native import FORMAT as NATIVE_FORMAT
 from .native import (INFO, MANIFEST, RUN_LOG, CheckpointWriter, _atomic_write_bytes, _sha256, quantized_schema,
                      read_manifest)
@@ -65,11 +66,18 @@ def get_exporter(fmt: str) -> Exporter:
     return EXPORTERS[key]
 
 
-def precheck(fmt: str, bits: int, act_order_groups: bool) -> None:
+def _check_family(model_type: str) -> None:
+    if get_arch(model_type).experts is not None:
+        raise UsageError(f"exporting mixture-of-experts models ({model_type}) is not supported yet: serving stacks "
+                         f"name and fuse experts their own way; keep the native checkpoint (quantease eval/load)")
+
+
+def precheck(fmt: str, bits: int, act_order_groups: bool, model_type: str) -> None:
     """Refuse, before a long quantization starts, settings that `fmt` cannot hold (the exporter re-checks each layer)."""
     from . import compressed_tensors, gptq
 
     get_exporter(fmt)
+    _check_family(model_type)
     supported = {compressed_tensors.FORMAT: compressed_tensors.SUPPORTED_BITS, gptq.FORMAT: gptq.SUPPORTED_BITS}
     key = fmt.strip().lower().replace("_", "-")
     if bits not in supported[key]:
@@ -119,6 +127,7 @@ def read_source(src: str | Path, fmt: str) -> Source:
                               f"export reads what `quantease quantize` wrote")
     info = json.loads((folder / INFO).read_text())
     source = Source(folder, json.loads((folder / "config.json").read_text()), info, manifest)
+    _check_family(info["model"]["model_type"])
     _check_native_only(source, fmt)
     return source
 

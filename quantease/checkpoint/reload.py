@@ -11,6 +11,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import CheckpointError
+from ..models.experts import unfuse_experts
+from ..models.registry import get_arch
 from ..nn import QuantLinear
 from .native import INFO, MANIFEST, dequantize_tensors, layer_suffixes, read_manifest
 from .resume import RESUME_DIR
@@ -47,6 +49,7 @@ def load_quantized(folder: str | Path, dense: bool = False, dtype: torch.dtype =
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        unfuse_experts(model, get_arch(config.model_type))
     tensors = _read_all(folder)
     for name, meta in info["layers"].items():
         parts = {s: tensors.pop(f"{name}.{s}") for s in layer_suffixes(meta) if f"{name}.{s}" in tensors}

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import NumericalError
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_sigmas"]
+__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_grams"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a block's positional arguments after the hidden states, and keywords
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -117,13 +117,13 @@ class GramAccumulator:
 
 
 @torch.no_grad()
-def collect_sigmas(
+def collect_grams(
     block: torch.nn.Module, groups: list[tuple[str, ...]], inputs: BlockInputs
-) -> dict[tuple[str, ...], torch.Tensor]:
-    """Σ of the shared input of each group of linear modules, from one pass over the calibration batches.
+) -> dict[tuple[str, ...], GramAccumulator]:
+    """The Gram accumulator of each group's shared input, from one pass over the calibration batches.
 
     The pass stops as soon as every group has seen its input, so collecting only the attention projections'
-    Σ costs a norm, not a block.
+    Σ costs a norm, not a block. A group that never ran (an expert no token was routed to) is absent.
     """
     accs: dict[tuple[str, ...], GramAccumulator] = {}
     pending: set[tuple[str, ...]] = set()
@@ -156,4 +156,4 @@ def collect_sigmas(
     finally:
         for h in handles:
             h.remove()
-    return {g: accs[g].sigma() for g in groups}
+    return accs

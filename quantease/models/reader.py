@@ -18,6 +18,7 @@ from transformers.core_model_loading import WeightRenaming
 
 from ..errors import ModelNotFound, UnsupportedModel
 from .builtin import BUILTIN_MODELS, resolve_builtin
+from .experts import unfuse_experts
 from .registry import ARCHITECTURES, ArchSpec, get_arch
 
 __all__ = ["resolve_model_path", "read_config", "open_index", "SafetensorsIndex", "PickleIndex", "LazyModel"]
@@ -131,6 +132,7 @@ class LazyModel:
         self.config.use_cache = False
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            unfuse_experts(self.model, self.arch)
         self.model.eval()
         self.prefix = self.model.base_model_prefix
         self.blocks: torch.nn.ModuleList = self.model.get_submodule(self.arch.blocks)
@@ -139,7 +141,8 @@ class LazyModel:
 
     def _checkpoint_keys(self) -> dict[str, str]:
         """Model parameter -> checkpoint key, through the renamings transformers applies when it loads the model
-        (legacy names such as GPT-NeoX's embed_out, checkpoints without the base-model prefix)."""
+        (legacy names such as GPT-NeoX's embed_out, checkpoints without the base-model prefix). Per-expert tensors,
+        which transformers would merge into fused parameters, map one to one onto our unfused experts."""
         transforms = get_model_conversion_mapping(self.model)
         params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         keys: dict[str, str] = {}
@@ -150,6 +153,8 @@ class LazyModel:
                 if matched is None:
                     continue
                 if not isinstance(t, WeightRenaming):
+                    if self.arch.experts is not None:
+                        continue
                     raise UnsupportedModel(f"{self.config.model_type}: checkpoint tensor {key} needs a conversion "
                                            f"(e.g. fused mixture-of-experts weights), which is not supported yet")
                 name = renamed
