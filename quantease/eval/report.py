@@ -59,7 +59,7 @@ def _fmt(value: float | None) -> str:
 def _cell(cmp: Comparison, label: str, model: str, with_delta: bool) -> str:
     text = _fmt(cmp.rows[label].values.get(model))
     delta = cmp.delta(label, model) if with_delta else None
-    return text if delta is None else f"{text} ({delta:+.4f})"
+    return text if delta is None else f"{text} ({'+' if delta >= 0 else '-'}{_fmt(abs(delta))})"
 
 
 def comparison_table(cmp: Comparison, deltas: bool = True) -> str:
