@@ -34,7 +34,7 @@ from .models.capture import BlockInputs, Call, capture_block_inputs, collect_gra
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
 from .models.registry import ArchSpec, FFNSpec
-from .solvers import GridSpec, SolveResult, get_solver, layer_loss
+from .solvers import GridSpec, SolveResult, get_solver
 
 __all__ = ["quantize", "quantize_block", "resolve_device", "LayerRecord"]
 
@@ -96,13 +96,14 @@ def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor | None, name: str,
     if split is not None:
         return _solve_split_layer(module, W, sigma, config, split)
     start = time.perf_counter()
-    if fallback is None and sigma is not None:
-        result = get_solver(config.method).solve(W, sigma, config.grid(), config.solver_options())
-    else:
-        rtn = get_solver("rtn")
-        result = rtn.solve(W, None, config.grid(), rtn.make_options())
-        result.loss = 0.0 if sigma is None else layer_loss(W, result.weight.dequantize(), sigma)
-        result.history, result.notes = [result.loss], [fallback] if fallback else []
+    method = config.method if fallback is None and sigma is not None else "rtn"
+    entry = get_solver(method)
+    options = config.solver_options() if method == config.method else entry.make_options()
+    result = entry.solve(W, sigma, config.grid(), options)
+    if sigma is None:  # no token reached the layer: nothing to measure its error on
+        result.loss, result.history = 0.0, [0.0]
+    if fallback:
+        result.notes.append(fallback)
     seconds = time.perf_counter() - start
     set_weight_matrix(module, result.weight.dequantize())
     reference = 0.0 if sigma is None else _output_energy(W, sigma)
