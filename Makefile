@@ -2,16 +2,34 @@
 PY ?= python
 DEVICE ?= auto
 
-.PHONY: install test test-fast bench bench-solvers bench-pipeline bench-outliers
+LATEST ?= build/venv-latest
 
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers
+
+# The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
-	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps -r requirements-nodeps.txt
+	pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev]" && pip install --no-deps -r requirements-nodeps.txt
 
 test:
 	$(PY) -m pytest -q
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# The suite on whatever the registry serves today (no constraints), in a scratch venv: upstream drift shows here
+# before users see it. Prints the installed versions that differ from constraints.txt first.
+test-latest:
+	rm -rf $(LATEST) && python3 -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q torch==2.13.0 && $(LATEST)/bin/pip install -q -e ".[dev]" && \
+		$(LATEST)/bin/pip install -q --no-deps -r requirements-nodeps.txt
+	@echo "versions that differ from constraints.txt:"; \
+		$(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v -x -F -f constraints.txt || true
+	$(LATEST)/bin/python -m pytest -q
+
+# Rewrite constraints.txt from the current environment (after the suite passed in it), keeping its header.
+constraints:
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 bench: bench-solvers bench-pipeline
 

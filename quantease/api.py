@@ -21,10 +21,13 @@ __all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "e
            "evaluate_zeroshot", "results_path", "stored_results"]
 
 
-def load(model: str | Path, dense: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:
-    """(model, tokenizer, quantease info or None) for a quantease checkpoint, a built-in name or an HF folder."""
+def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:
+    """(model, tokenizer, quantease info or None) for a quantease checkpoint, a built-in name or an HF folder.
+
+    A checkpoint's linears are dequantized once (nn.Linear of Ŵ); `packed=True` keeps the codes packed in memory
+    (QuantLinear, dequantized on every forward: slower, but the weights take bits/32 of the memory)."""
     if is_quantized_checkpoint(model):
-        net, info = load_quantized(Path(model), dense=dense)
+        net, info = load_quantized(Path(model), dense=not packed)
         tokenizer = AutoTokenizer.from_pretrained(model)
     else:
         path = resolve_model_path(str(model))
@@ -35,10 +38,10 @@ def load(model: str | Path, dense: bool = False, device: str = "cpu") -> tuple[t
 
 def evaluate_perplexity(
     model: str | Path, datasets: list[str], seqlen: int = 2048, limit: int | None = None, device: str = "auto",
-    dense: bool = False, progress: bool = True, save: bool = True,
+    packed: bool = False, progress: bool = True, save: bool = True,
 ) -> list[PerplexityResult]:
     """Perplexity of `model` on each dataset; the results are also saved in `results_path(model)`."""
-    net, tokenizer, _ = load(model, dense=dense, device=device)
+    net, tokenizer, _ = load(model, packed=packed, device=device)
     dev = next(net.parameters()).device
     results = [perplexity_on(net, tokenizer, d, seqlen, limit, dev, progress) for d in datasets]
     if save:
@@ -52,7 +55,7 @@ def _ppl_key(r: PerplexityResult) -> str:
 
 def evaluate_zeroshot(
     model: str | Path, tasks: list[str], limit: int | None = None, num_fewshot: int = 0, batch_size: int = 1,
-    device: str = "auto", tasks_dir: str | Path | None = None, save: bool = True, dense: bool = False,
+    device: str = "auto", tasks_dir: str | Path | None = None, save: bool = True, packed: bool = False,
 ) -> dict[str, dict]:
     """lm-eval accuracy of `model` on each task: {task: {metric: value, "protocol": {...}, "seconds": s}}.
 
@@ -60,12 +63,12 @@ def evaluate_zeroshot(
     keyed by task, few-shot count and limit. Task names and data are checked before the model loads.
     """
     settings = ZeroShotSettings(tuple(tasks), limit, num_fewshot, batch_size, str(tasks_dir) if tasks_dir else None)
-    return _zeroshot(model, settings, load_tasks(settings), device, dense, save)
+    return _zeroshot(model, settings, load_tasks(settings), device, packed, save)
 
 
-def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks, device: str, dense: bool,
+def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks, device: str, packed: bool,
               save: bool) -> dict[str, dict]:
-    net, tokenizer, _ = load(model, dense=dense, device=device)
+    net, tokenizer, _ = load(model, packed=packed, device=device)
     results = evaluate_tasks(net, tokenizer, loaded, settings)
     if save:
         _save_eval(results_path(model), "zeroshot", {result_key(t, r["protocol"]): r for t, r in results.items()})
@@ -74,17 +77,17 @@ def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks
 
 def evaluate(
     model: str | Path, datasets: list[str], zeroshot: ZeroShotSettings | None = None, seqlen: int = 2048,
-    limit: int | None = None, device: str = "auto", dense: bool = False, progress: bool = True, save: bool = True,
+    limit: int | None = None, device: str = "auto", packed: bool = False, progress: bool = True, save: bool = True,
 ) -> dict[str, dict]:
     """Perplexity on `datasets` and the lm-eval tasks of `zeroshot`, in eval.json's layout: {"perplexity": {key:
     result}, "zeroshot": {key: result}}, each key naming the protocol. The tasks are loaded before anything runs."""
     loaded = load_tasks(zeroshot) if zeroshot else None
     out: dict[str, dict] = {}
     if datasets:
-        ppl = evaluate_perplexity(model, datasets, seqlen, limit, device, dense, progress, save)
+        ppl = evaluate_perplexity(model, datasets, seqlen, limit, device, packed, progress, save)
         out["perplexity"] = {_ppl_key(r): r.to_dict() for r in ppl}
     if zeroshot and loaded:
-        acc = _zeroshot(model, zeroshot, loaded, device, dense, save)
+        acc = _zeroshot(model, zeroshot, loaded, device, packed, save)
         out["zeroshot"] = {result_key(t, r["protocol"]): r for t, r in acc.items()}
     return out
 

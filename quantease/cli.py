@@ -18,7 +18,7 @@ from . import __version__
 EXAMPLES_QUANTIZE = """
 \b
 Examples:
-  quantease quantize smollm2-135m --out out/w4 --bits 4 --method rtn --ppl ptb,wiki
+  quantease quantize smollm2-135m --out out/w4 --bits 4 --compare rtn --ppl ptb,wiki
   quantease quantize ./Llama-3-8B --out out/l3-w3 --bits 3 --group-size 128 --method quantease --device cuda
   quantease quantize smollm2-135m --out out/w4 --calib mytext.txt --nsamples 32 --seqlen 512
 """
@@ -67,7 +67,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--out", default="", type=click.Path(file_okay=False), help="Output folder (required here or in --config).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML recipe of settings (see configs/); options given on the command line override it.")
-@click.option("--method", default="rtn", show_default=True, help="Solver: rtn, gptq, quantease.")
+@click.option("--method", default="quantease", show_default=True, help="Solver: quantease, gptq, rtn.")
 @click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8.")
 @click.option("--group-size", default=-1, show_default=True, type=int, help="Input columns per grid; -1: per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero point) or asymmetric.")
@@ -102,20 +102,24 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Also export the finished checkpoint: compressed-tensors or gptq (the native one stays in --out).")
 @click.option("--export-out", default=None, type=click.Path(file_okay=False),
               help="Folder for --format's export (default: OUT-FORMAT).")
-@click.option("--ppl", default=None, help="After quantizing, perplexity of the original and quantized model on these "
-              "datasets (e.g. ptb,wiki).")
+@click.option("--compare", default=None, metavar="METHODS",
+              help="Also quantize with these methods (e.g. rtn,gptq) at the same settings, into OUT-METHOD, and add "
+              "them to the --ppl table.")
+@click.option("--ppl", default=None, help="After quantizing, perplexity of the original and quantized model(s) on "
+              "these datasets (e.g. ptb,wiki).")
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, restart, fmt, export_out, ppl,
-             ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, restart, fmt, export_out, compare,
+             ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
     An interrupted run continues from its last finished block when the same command is run again.
     """
     from . import api
     from .config import read_yaml
+    from .errors import UsageError
     from .report import print_layers_summary
 
     given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -124,6 +128,11 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
     values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
                                 **_outlier_options(values["method"], outliers, outlier_structure)}
     config = api.QuantConfig.from_dict(values)
+    # baselines: the same settings but the method (its own options dropped), all checked before any work
+    if compare and not config.out:
+        raise UsageError("--compare writes its checkpoints beside --out: give --out")
+    baselines = [api.QuantConfig.from_dict({**values, "method": m, "method_options": {}, "out": f"{config.out}-{m}"})
+                 for m in _csv(compare)]
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
         from .models.reader import read_config, resolve_model_path
@@ -132,13 +141,18 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         model_type = read_config(resolve_model_path(config.model, config.allow_pickle)).model_type
         precheck(fmt, config.bits, config.group_size != -1 and config.method == "gptq"
                  and opts.get("act_order", False) and not opts.get("static_groups", False), model_type)
+    others = []
+    for baseline in baselines:
+        others.append(api.quantize(baseline, overwrite=overwrite, restart=restart, progress=not quiet))
+        print_layers_summary(others[-1])
     folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
     print_layers_summary(folder)
     if fmt != "native":
         exported = export_checkpoint(folder, export_out or f"{folder}-{fmt}", fmt, overwrite=overwrite)
         click.echo(f"exported {exported} ({fmt})")
     if ppl:
-        _print_ppl([config.model, str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device, quiet, dense=True)
+        _print_ppl([config.model, *map(str, others), str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device,
+                   quiet)
 
 
 def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:
@@ -201,8 +215,8 @@ def _eval_options(f):
         click.option("--batch-size", default=1, show_default=True, type=int, help="lm-eval batch size."),
         click.option("--tasks-dir", type=click.Path(file_okay=False), help="Folder of extra lm-eval task YAMLs."),
         click.option("--device", default="auto", show_default=True),
-        click.option("--dense", is_flag=True, help="Dequantize once at load instead of on every forward (faster, "
-                     "more memory)."),
+        click.option("--packed", is_flag=True, help="Keep a checkpoint's codes packed in memory and dequantize on every "
+                     "forward (slower; for models whose dequantized weights do not fit)."),
         click.option("--quiet", is_flag=True, help="No perplexity progress bars."),
     ]
     for option in reversed(options):
@@ -227,7 +241,7 @@ def _eval_plan(opts: dict):
 def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, dict]:
     from . import api
 
-    return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["dense"],
+    return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["packed"],
                             progress=not opts["quiet"]) for m in models}
 
 
@@ -242,7 +256,7 @@ def eval_cmd(models, json_out, **opts) -> None:
 
     datasets, settings = _eval_plan(opts)
     if settings is None:  # perplexity only: its own table, and --json as {model: [results]}
-        _print_ppl(list(models), datasets, opts["seqlen"], opts["limit"], opts["device"], opts["quiet"], opts["dense"],
+        _print_ppl(list(models), datasets, opts["seqlen"], opts["limit"], opts["device"], opts["quiet"], opts["packed"],
                    json_out)
         return
     results = _evaluate(models, datasets, settings, opts)
@@ -283,11 +297,11 @@ def compare_cmd(models, prefix, **opts) -> None:
     click.echo(f"wrote {prefix}.json and {prefix}.png")
 
 
-def _print_ppl(models, datasets, seqlen, limit, device, quiet, dense=False, json_out=None) -> None:
+def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, json_out=None) -> None:
     from . import api
     from .report import perplexity_table
 
-    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, dense, progress=not quiet) for m in models}
+    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet) for m in models}
     click.echo(perplexity_table(rows))
     if json_out:
         Path(json_out).write_text(json.dumps({m: [r.to_dict() for r in rs] for m, rs in rows.items()}, indent=2))

@@ -17,7 +17,7 @@ __all__ = ["QuantConfig", "read_yaml"]
 class QuantConfig:
     model: str = "smollm2-135m"  # built-in name or local Hugging Face folder
     out: str = ""
-    method: str = "rtn"
+    method: str = "quantease"
     bits: int = 4
     group_size: int = -1  # -1: one grid per output channel
     sym: bool = False

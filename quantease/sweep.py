@@ -92,8 +92,7 @@ def run_job(job: Job, ev: dict[str, Any], progress: bool) -> None:
     todo = [d for d in ev.get("ppl", []) if not any(
         (r["dataset"], r["seqlen"], r.get("limit")) == (d, seqlen, limit) for r in done)]
     if todo:
-        # dense: dequantize once; unpacking every layer on every forward makes evaluation several times slower
-        evaluate_perplexity(str(folder), todo, seqlen=seqlen, limit=limit, device=job.config.device, dense=True,
+        evaluate_perplexity(str(folder), todo, seqlen=seqlen, limit=limit, device=job.config.device,
                             progress=progress)
 
 

@@ -64,7 +64,7 @@ def main() -> None:
             targets.append(str(folder))
     for row, target in zip(rows, targets):
         for r in evaluate_perplexity(target, datasets, seqlen=2048, limit=args.ppl_limit, device=args.device,
-                                     dense=True, progress=False):
+                                     progress=False):
             row[f"ppl_{r.dataset}"] = round(r.ppl, 3)
             row["ppl_tokens"] = r.tokens
 

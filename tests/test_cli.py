@@ -40,6 +40,25 @@ def test_quantize_then_eval(tiny_llama, calib_file, tmp_path):
     assert any(v["ppl"] == result["ppl"] for v in saved.values())
 
 
+def test_quantize_compare_adds_baselines_at_the_same_settings(tiny_llama, calib_file, tmp_path):
+    out = tmp_path / "q"
+    res = run("quantize", str(tiny_llama), "--out", str(out), "--bits", "3", "--compare", "rtn,gptq", "--calib",
+              str(calib_file), "--nsamples", "4", "--seqlen", "64", "--quiet", "--ppl", str(calib_file),
+              "--ppl-seqlen", "64", "--ppl-limit", "2")
+    assert res.exit_code == 0, res.output
+    infos = {m: json.loads((tmp_path / f"q-{m}" / "quantease.json").read_text()) for m in ("rtn", "gptq")}
+    infos["quantease"] = json.loads((out / "quantease.json").read_text())
+    for method, info in infos.items():
+        assert info["config"]["method"] == method and info["config"]["bits"] == 3
+        assert info["calibration"]["tokens_sha256"] == infos["quantease"]["calibration"]["tokens_sha256"]
+    table = res.output[res.output.index("model "):].splitlines()
+    rows = [line.split()[0] for line in table[1:5]]
+    assert rows == [str(tiny_llama), f"{out}-rtn", f"{out}-gptq", str(out)]
+    # the coordinate descent never ends above the error of its GPTQ start, which RTN's is above
+    err = {m: info["summary"]["mean_rel_error"] for m, info in infos.items()}
+    assert err["quantease"] <= err["gptq"] < err["rtn"]
+
+
 def _bad(args: list[str], error: type, message: str, out=None):
     res = run(*args)
     assert res.exit_code == error.exit_code, res.output
@@ -57,7 +76,9 @@ def test_bad_inputs_exit_with_one_line(tiny_llama, calib_file, tokenizer_dir, tm
     _bad(["quantize", str(tiny_llama), *common, "--bits", "9"], UsageError, "bits must be in 2..8", out)
     _bad(["quantize", str(tiny_llama), *common, "--group-size", "48"], UsageError, "does not divide", out)
     _bad(["quantize", str(tiny_llama), *common, "--method", "nope"], UsageError, "available: ", out)
-    _bad(["quantize", str(tiny_llama), *common, "-o", "sweeps=2"], UsageError, "unknown option", out)
+    _bad(["quantize", str(tiny_llama), *common, "-o", "nosuch=2"], UsageError, "unknown option", out)
+    _bad(["quantize", str(tiny_llama), *common, "--compare", "rtn,nope"], UsageError, "available: ", out)
+    assert not (tmp_path / "out-rtn").exists()  # every baseline is checked before any is made
     _bad(["quantize", str(tiny_llama), *common[:-5], "--nsamples", "1000", "--seqlen", "2048"], type(
         "DataError", (), {"exit_code": 5}), "tokens but nsamples x seqlen", out)
 

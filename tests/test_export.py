@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from click.testing import CliRunner
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from quantease.api import QuantConfig, quantize
@@ -254,9 +256,15 @@ def test_compressed_tensors_asym_loads_dequantized(checkpoint, tmp_path):
     torch.testing.assert_close(_logits(theirs.eval()), _logits(load_quantized(src)[0]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="compressed-tensors 0.20 builds the compressed module on the meta device with an unpacked "
-                          "[out, groups] weight_zero_point, so packed asymmetric checkpoints (as llm-compressor writes "
-                          "them) fail the size check (llm-compressor#1618)", raises=RuntimeError, strict=False)
+# transformers 5.23 and 5.24 build the compressed module with an unpacked [out, groups] weight_zero_point, so packed
+# asymmetric checkpoints (ours and llm-compressor's alike) fail the size check; 5.22.2 (pinned in constraints.txt)
+# loads them with compressed-tensors 0.19 and 0.20.1. Strict: `make test-latest` fails the day a newer release loads
+# them again, so the pin can move.
+_ASYM_LOAD_BROKEN = Version(transformers.__version__) >= Version("5.23")
+
+
+@pytest.mark.xfail(_ASYM_LOAD_BROKEN, reason="transformers >= 5.23 cannot load packed asymmetric compressed-tensors "
+                   "checkpoints (zero-point size mismatch)", raises=RuntimeError, strict=True)
 def test_compressed_tensors_asym_loads_plain(checkpoint, tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM

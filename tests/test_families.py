@@ -89,7 +89,7 @@ def test_family_quantizes_and_reloads(family_model, method, calib_file, tmp_path
         out = quantize(QuantConfig(model=str(path), out=str(tmp_path / f"w{bits}"), method=method, bits=bits,
                                    group_size=32, calib=str(calib_file), nsamples=4, seqlen=64, device="cpu"),
                        progress=False)
-        model, _, info = load(out)
+        model, _, info = load(out, packed=True)  # the packed QuantLinear path, for every family
         assert len(info["layers"]) == LINEARS.get(model_type, L * len(get_arch(model_type).linears))
         with torch.no_grad():
             logits = model(input_ids=ids).logits

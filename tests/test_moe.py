@@ -45,7 +45,14 @@ ONE_BLOCK = dict(hidden_size=32, num_hidden_layers=1, vocab_size=16, num_experts
     T.Qwen3MoeConfig(moe_intermediate_size=48, num_experts=E, **ONE_BLOCK),
 ], ids=["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_unfused_experts_match_the_fused_module(config):
-    model = AutoModelForCausalLM.from_config(config)
+    """In float64, so the comparison does not depend on the order in which a library version sums the experts.
+
+    Each output is a sum of TOP_K · F products (a few hundred terms); any summation order is exact to within
+    n·u·Σ|terms|, u = 2^-53, i.e. about 1e-13 of the output's scale here. A wrong expert, slot or routing weight
+    changes an output by a whole term, O(1) of its scale. The tolerance, 1e-9 of the scale, sits between the two,
+    and the test checks that it still tells a mis-routed forward apart."""
+    model = AutoModelForCausalLM.from_config(config).double()
+    model.set_experts_implementation("eager")  # transformers' reference loop; grouped_mm kernels take no float64
     fused = model.model.layers[0].mlp.experts
     torch.manual_seed(0)
     with torch.no_grad():
@@ -58,11 +65,15 @@ def test_unfused_experts_match_the_fused_module(config):
         getattr(expert, spec.gate).weight.data = fused.gate_up_proj[e, :inter].detach().clone()
         getattr(expert, spec.up).weight.data = fused.gate_up_proj[e, inter:].detach().clone()
         getattr(expert, spec.down).weight.data = fused.down_proj[e].detach().clone()
-    x = torch.randn(10, 32)
+    x = torch.randn(10, 32, dtype=torch.float64)
     index = torch.stack([torch.randperm(E)[:TOP_K] for _ in range(10)])
-    weights = torch.rand(10, TOP_K)
+    weights = torch.rand(10, TOP_K, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(experts(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+        expected = fused(x, index, weights)
+        tol = 1e-9 * float(expected.abs().max())
+        torch.testing.assert_close(experts(x, index, weights), expected, rtol=0, atol=tol)
+        for wrong in (index.flip(-1), (index + 1) % E):  # weights on the wrong slots; tokens to the wrong experts
+            assert float((experts(x, wrong, weights) - expected).abs().max()) > 1e6 * tol
 
 
 def test_each_expert_sigma_comes_from_its_routed_tokens(tiny_mixtral, calib_file, tmp_path):
@@ -113,7 +124,7 @@ def test_starved_expert_falls_back_to_rtn_and_says_so(tokenizer_dir, calib_file,
         assert f"fallback: {name}: expert got 0 calibration tokens" in result.output
     solved = [n for n, layer in info["layers"].items() if n not in starved]
     assert all(not info["layers"][n]["notes"] for n in solved if ".experts.0." in n)
-    model, _, _ = load(out)  # the fallback expert is stored and reloads like the others
+    model, _, _ = load(out, packed=True)  # the fallback expert is stored and reloads like the others
     assert model.model.layers[0].mlp.experts.get_submodule(f"{E - 1}.w2").meta["bits"] == 4
 
 

@@ -29,7 +29,7 @@ def test_logits_close_at_8_bits_and_worse_at_2(tiny_model, calib_file, tmp_path)
     for bits in (8, 2):
         out = quantize(QuantConfig(model=str(tiny_model), out=str(tmp_path / f"w{bits}"), bits=bits,
                                    calib=str(calib_file), **CAL), progress=False)
-        model, _, info = load(out)
+        model, _, info = load(out, packed=True)  # the packed QuantLinear path
         assert info["summary"]["quantized_layers"] == 2 * len(get_arch(original.config.model_type).linears)
         errors[bits] = _logit_error(original, model, ids)
     assert errors[8] < 0.02
@@ -38,7 +38,7 @@ def test_logits_close_at_8_bits_and_worse_at_2(tiny_model, calib_file, tmp_path)
 
 def test_reload_gives_the_solver_weights(tiny_llama, calib_file, tmp_path):
     """RTN weights do not depend on calibration, so the reloaded Ŵ must equal RTN of the original weights."""
-    out = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "q"), bits=3, group_size=16,
+    out = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "q"), method="rtn", bits=3, group_size=16,
                                calib=str(calib_file), **CAL), progress=False)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)
     packed, info = load_quantized(out)
