@@ -4,7 +4,7 @@ DEVICE ?= auto
 
 LATEST ?= build/venv-latest
 
-.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -43,3 +43,13 @@ bench-pipeline:
 # reduce the protocol, e.g. BENCH_ARGS="--nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-limit 8"
 bench-outliers:
 	$(PY) scripts/bench_outliers.py --device $(DEVICE) $(BENCH_ARGS)
+
+# Our default next to llm-compressor's GPTQ on the same calibration windows and perplexity code (README "Against
+# llm-compressor"); the peers' virtualenv is built once. BENCH_ARGS e.g. "--bits 3 --nsamples 64".
+PEERS ?= build/venv-peers
+$(PEERS)/bin/python:
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 && $(PEERS)/bin/pip install -q llmcompressor==0.14.0.1 torch==2.13.0
+
+bench-peers: $(PEERS)/bin/python
+	$(PY) scripts/bench_peers.py --venv $(PEERS) $(BENCH_ARGS)

@@ -88,30 +88,34 @@ class LayerRecord:
         return info
 
 
-def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor | None, name: str, config: QuantConfig,
-                 split: tuple[str, torch.Tensor] | None = None, fallback: str | None = None,
-                 target: Target | None = None) -> LayerRecord:
-    """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts; `fallback`
-    (why) rounds it with RTN instead of the configured solver; `target` is the propagated one, if any. Σ is None
-    when the layer saw no calibration token."""
-    W = weight_matrix(module).float()
-    if not torch.isfinite(W).all():
-        raise NumericalError(f"layer {name} has NaN/Inf weights")
-    if split is not None:
-        return _solve_split_layer(module, W, sigma, config, split, target)
+def _solve_group(block: torch.nn.Module, names: tuple[str, ...], sigma: torch.Tensor | None, config: QuantConfig,
+                 target: Target | None = None, fallback: str | None = None) -> dict[str, LayerRecord]:
+    """Solve the linears `names` of one group (one shared input: one Σ and target) in place, stacked into one
+    problem where the solver can (solvers/base.py, solve_group). `fallback` (why) rounds them with RTN instead of
+    the configured solver; Σ is None when the group saw no calibration token. The group's solve time is shared
+    among its layers by their rows."""
+    Ws = [weight_matrix(block.get_submodule(n)).float() for n in names]
+    for name, W in zip(names, Ws):
+        if not torch.isfinite(W).all():
+            raise NumericalError(f"layer {name} has NaN/Inf weights")
     start = time.perf_counter()
     method = config.method if fallback is None and sigma is not None else "rtn"
     entry = get_solver(method)
     options = config.solver_options() if method == config.method else entry.make_options()
-    result = entry.solve(W, sigma, config.grid(), options, target)
-    if sigma is None:  # no token reached the layer: nothing to measure its error on
-        result.loss, result.history = 0.0, [0.0]
-    if fallback:
-        result.notes.append(fallback)
+    results = entry.solve_group(Ws, sigma, config.grid(), options, target)
     seconds = time.perf_counter() - start
-    set_weight_matrix(module, result.weight.dequantize())
-    reference = 0.0 if sigma is None else output_energy(W, sigma, target)
-    return LayerRecord(result, reference, seconds, encode(result.weight), objective=_objective(target))
+    rows = sum(W.shape[0] for W in Ws)
+    records = {}
+    for name, W, result in zip(names, Ws, results):
+        if sigma is None:  # no token reached the layer: nothing to measure its error on
+            result.loss, result.history = 0.0, [0.0]
+        if fallback:
+            result.notes.append(fallback)
+        set_weight_matrix(block.get_submodule(name), result.weight.dequantize())
+        reference = 0.0 if sigma is None else output_energy(W, sigma, target)
+        records[name] = LayerRecord(result, reference, seconds * W.shape[0] / rows, encode(result.weight),
+                                    objective=_objective(target))
+    return records
 
 
 def _objective(target: Target | None) -> str:
@@ -127,10 +131,14 @@ def _starved(arch: ArchSpec, name: str, module: torch.nn.Module, tokens: int, me
     return f"expert got {tokens} calibration tokens (fewer than its {p} inputs): RTN instead of {method}"
 
 
-def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Tensor, config: QuantConfig,
+def _solve_split_layer(module: torch.nn.Module, sigma: torch.Tensor, name: str, config: QuantConfig,
                        split: tuple[str, torch.Tensor], target: Target | None) -> LayerRecord:
+    """Solve one linear in place as FFSplit parts: split = (axis, heavy neuron indices)."""
     from .ffsplit import solve_split
 
+    W = weight_matrix(module).float()
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"layer {name} has NaN/Inf weights")
     start = time.perf_counter()
     layer = solve_split(W, sigma, split[0], split[1], config, target)
     seconds = time.perf_counter() - start
@@ -180,13 +188,18 @@ def quantize_block(
             gram = grams.get(group)
             sigma = None if gram is None else gram.sigma()
             target = None if gram is None else gram.target(config.alpha)
-            for name in group:
-                module = block.get_submodule(name)
-                fallback = _starved(arch, name, module, 0 if gram is None else gram.count, config.method)
-                if observe and sigma is not None:
+            if observe and sigma is not None:
+                for name in group:
                     observe(name, sigma)
-                split = (axis[name], heavy) if name in axis and heavy is not None else None
-                records[name] = _solve_layer(module, sigma, name, config, split, fallback, target)
+            split = [n for n in group if n in axis and heavy is not None]
+            for name in split:
+                records[name] = _solve_split_layer(block.get_submodule(name), sigma, name, config,
+                                                   (axis[name], heavy), target)
+            rest = tuple(n for n in group if n not in split)
+            if rest:  # the layers of a group share their input, so an expert's are starved together
+                fallback = _starved(arch, rest[0], block.get_submodule(rest[0]), 0 if gram is None else gram.count,
+                                    config.method)
+                records.update(_solve_group(block, rest, sigma, config, target, fallback))
     if split_on and heavy is not None:
         records[ffn.down].extra["heavy_hitters"] = stats
     outputs = original_outputs or run_block(block, inputs)

@@ -29,6 +29,8 @@ __all__ = [
     "SolveResult",
     "SolverEntry",
     "register_solver",
+    "register_stacked",
+    "split_stacked",
     "get_solver",
     "solver_names",
     "layer_loss",
@@ -126,12 +128,27 @@ class SolveFn(Protocol):
                  target: Target | None = None) -> SolveResult: ...
 
 
-@dataclass(frozen=True)
+class StackedSolveFn(Protocol):
+    def __call__(self, Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: Any,
+                 target: Target | None = None) -> list[SolveResult]: ...
+
+
+@dataclass
 class SolverEntry:
     name: str
     solve: SolveFn
     options: type  # frozen dataclass of the solver's own options
     requires_calibration: bool
+    solve_stacked: StackedSolveFn | None = None  # several layers on one Σ at once; same results as one by one
+
+    def solve_group(self, Ws: list[torch.Tensor], sigma: torch.Tensor | None, spec: GridSpec, options: Any,
+                    target: Target | None = None) -> list[SolveResult]:
+        """Each layer of Ws solved on the Σ (and target) their shared input gives: stacked by rows into one problem
+        when the solver can (rows are independent in GPTQ and QuantEase, so the codes are those of one solve per
+        layer, and each column's work is as wide as all the layers together), else one by one."""
+        if self.solve_stacked is None or sigma is None or len(Ws) == 1:
+            return [self.solve(W, sigma, spec, options, target) for W in Ws]
+        return self.solve_stacked(Ws, sigma, spec, options, target)
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build the options dataclass, rejecting keys it does not have."""
@@ -159,6 +176,33 @@ def register_solver(name: str, options: type, requires_calibration: bool = True)
         return fn
 
     return wrap
+
+
+def register_stacked(name: str) -> Callable[[StackedSolveFn], StackedSolveFn]:
+    """Register the stacked form of the already registered solver `name`."""
+
+    def wrap(fn: StackedSolveFn) -> StackedSolveFn:
+        _SOLVERS[name].solve_stacked = fn
+        return fn
+
+    return wrap
+
+
+def split_stacked(result: SolveResult, Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec,
+                  target: Target | None) -> list[SolveResult]:
+    """One SolveResult per layer from a solve of the stacked rows cat(Ws): each layer's codes and grid rows, its own
+    loss, and the stacked solve's notes (they concern the shared Σ)."""
+    out, a = [], 0
+    for W in Ws:
+        s = slice(a, a + W.shape[0])
+        a = s.stop
+        grid = Grid(result.weight.grid.scale[s], result.weight.grid.zero[s], result.weight.grid.g_idx,
+                    result.weight.grid.maxq)
+        qw = QuantizedWeight(result.weight.codes[s], grid, result.weight.bits, result.weight.group_size,
+                             result.weight.sym)
+        loss = layer_loss(W.float(), qw.dequantize(), sigma, target)
+        out.append(SolveResult(qw, loss, [loss], list(result.notes)))
+    return out
 
 
 def get_solver(name: str) -> SolverEntry:

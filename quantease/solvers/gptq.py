@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError, UsageError
-from .base import QuantizedWeight, SolveResult, Target, layer_loss, register_solver
+from .base import QuantizedWeight, SolveResult, Target, layer_loss, register_solver, register_stacked, split_stacked
 from .grid import Grid, GridSpec, fit_grid
 
-__all__ = ["GPTQOptions", "check_layer", "solve"]
+__all__ = ["GPTQOptions", "check_layer", "solve", "solve_stacked"]
 
 _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 
@@ -156,3 +156,11 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
     qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
     loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ
     return SolveResult(qw, loss, [loss], [note] if note else [])
+
+
+@register_stacked("gptq")
+def solve_stacked(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: GPTQOptions = GPTQOptions(),
+                  target: Target | None = None) -> list[SolveResult]:
+    """`solve` of each layer of Ws (all reading the input Σ describes) as one solve of their stacked rows: one
+    Cholesky, and each column's rounding and feedback one operation over every layer's rows."""
+    return split_stacked(solve(torch.cat(Ws), sigma, spec, options, target), Ws, sigma, spec, target)

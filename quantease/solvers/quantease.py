@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver
+from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
 from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep", "refit_grid"]
+__all__ = ["QuantEaseOptions", "solve", "solve_stacked", "sweep_flops", "cd_sweep", "refit_grid"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -91,16 +91,18 @@ def sweep_flops(q: int, p: int, block_size: int) -> float:
 
 
 def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float, Bt: torch.Tensor | None = None,
-              const: float = 0.0) -> tuple[torch.Tensor, float]:
-    """Gᵀ = (Σ + λI)(Q - W)ᵀ - Bᵀ and the undamped f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W, B = α W Δ
-    (Bt None: the layer objective, Gᵀ = (Σ + λI) Dᵀ and f = ⟨D, DΣ⟩)."""
+              consts: tuple[float, ...] = (0.0,), segments: tuple[slice, ...] = (slice(None),)
+              ) -> tuple[torch.Tensor, list[float]]:
+    """Gᵀ = (Σ + λI)(Q - W)ᵀ - Bᵀ and, per segment of rows of Q (layers stacked on one Σ), the undamped
+    f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W, B = α W Δ (Bt None: the layer objective, Gᵀ = (Σ + λI) Dᵀ and
+    f = ⟨D, DΣ⟩). Each segment's f is summed over its own columns of Dᵀ, as a solve of that layer alone would."""
     Dt = Qt - Wt  # [p, q]
     Gt = Sigma @ Dt  # [p, q]
-    f = float((Dt * Gt).sum())
+    fs = [float((Dt[:, s] * Gt[:, s]).sum()) for s in segments]
     if Bt is not None:
-        f += const - 2 * float((Dt * Bt).sum())
+        fs = [f + c - 2 * float((Dt[:, s] * Bt[:, s]).sum()) for f, c, s in zip(fs, consts, segments)]
         Gt.sub_(Bt)
-    return Gt.add_(Dt, alpha=lam), f
+    return Gt.add_(Dt, alpha=lam), fs
 
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
@@ -195,11 +197,28 @@ def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: Q
     return res.weight.dequantize(), res.weight.grid, list(res.notes)
 
 
-class _Problem:
-    """One layer's CD problem in the solver's working layout: columns permuted by `perm` (order="diag") and
-    transposed, [p, q], so row j of every tensor is column j of the layer; the grid travels with its columns."""
+@dataclass
+class _Best:
+    """A segment's least-f iterate so far: f, its rows of Qᵀ [p, q_s] and the stacked grid they lie on."""
 
-    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None):
+    f: float
+    Qt: torch.Tensor
+    grid: Grid
+
+
+def _rows(grid: Grid, s: slice) -> Grid:
+    return Grid(grid.scale[s], grid.zero[s], grid.g_idx, grid.maxq)
+
+
+class _Problem:
+    """The CD problem of one layer, or of several layers stacked by rows on their shared Σ (`segments`: each layer's
+    rows), in the solver's working layout: columns permuted by `perm` (order="diag") and transposed, [p, q], so row j
+    of every tensor is column j of the layer; the grid travels with its columns. Rows never interact, so every
+    segment follows exactly the path it would alone; only the per-sweep bookkeeping (f, tol, keep-the-best) is per
+    segment."""
+
+    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None,
+                 segments: list[slice]):
         d = torch.diagonal(Sigma)  # [p]
         p = W.shape[1]
         self.perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(p, device=W.device)
@@ -210,7 +229,8 @@ class _Problem:
         self.lam = options.damp * float(d.mean())
         self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
         self.Bt = None if target is None else target.shift(W)[:, self.perm].t().contiguous()  # [p, q]
-        self.const = 0.0 if target is None else target.constant(W)
+        self.segments = tuple(segments)
+        self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
         self.options = options
 
     def layout(self, X: torch.Tensor) -> torch.Tensor:
@@ -227,28 +247,51 @@ class _Problem:
     def on_grid(self, Xt: torch.Tensor) -> torch.Tensor:
         return self.st * (torch.clamp(torch.round(Xt / self.st) + self.zt, 0, self.grid.maxq) - self.zt)
 
-    def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, float]:
-        return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.const)
+    def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
 
     def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
         _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.grid.maxq, self.options.block_size, relaxed)
 
-    def descend(self, Qt: torch.Tensor, f: float, best: tuple[float, torch.Tensor, Grid], history: list[float],
-                first_from_w: bool = False) -> tuple[float, torch.Tensor, Grid]:
-        """Rounded sweeps from the quantized Qt (whose f is given; from W when first_from_w) until one gains less than
-        tol · f; each f goes to history, and the least-f (iterate, grid) seen is returned."""
+    def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
+             active: list[bool]) -> None:
+        """Record each active segment's f and keep its rows when they are its best so far."""
+        for k, s in enumerate(self.segments):
+            if active[k]:
+                histories[k].append(fs[k])
+                if fs[k] < bests[k].f:
+                    bests[k] = _Best(fs[k], Qt[:, s].clone(), self.grid)
+
+    def descend(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
+                first_from_w: bool = False) -> None:
+        """Rounded sweeps from the quantized Qt (whose f per segment is given; from W when first_from_w) until every
+        segment has had a sweep that gains less than tol · its f; each segment records f only until then."""
         Gt, _ = self.residual(Qt)
-        prev = None if first_from_w else f
+        prev: list[float | None] = [None if first_from_w else f for f in fs]
+        active = [True] * len(self.segments)
         for _ in range(self.options.sweeps):
             self.sweep(Qt, Gt)
-            Gt, f = self.residual(Qt)
-            history.append(f)
-            if f < best[0]:
-                best = (f, Qt.clone(), self.grid)
-            if prev is not None and prev - f <= self.options.tol * prev:
+            Gt, fs = self.residual(Qt)
+            self.keep(Qt, fs, bests, histories, active)
+            for k, f in enumerate(fs):
+                if active[k] and prev[k] is not None and prev[k] - f <= self.options.tol * prev[k]:
+                    active[k] = False
+                prev[k] = f
+            if not any(active):
                 break
-            prev = f
-        return best
+
+    def refit(self, W: torch.Tensor, Sigma: torch.Tensor, bests: list[_Best], sym: bool, target: Target | None,
+              histories: list[list[float]]) -> None:
+        """One refit round from every segment's best iterate, then CD sweeps on the new grid."""
+        W_hat = self.original(torch.cat([b.Qt for b in bests], dim=1))  # [q, p]
+        grid = Grid(torch.cat([_rows(b.grid, s).scale for b, s in zip(bests, self.segments)]),
+                    torch.cat([_rows(b.grid, s).zero for b, s in zip(bests, self.segments)]),
+                    bests[0].grid.g_idx, bests[0].grid.maxq)
+        self.use_grid(refit_grid(W, W_hat, Sigma, grid, sym, None if target is None else target.shift(W)))
+        Qt = self.layout(self.grid.dequantize(self.grid.quantize(W_hat)))
+        fs = self.residual(Qt)[1]
+        self.keep(Qt, fs, bests, histories, [True] * len(self.segments))
+        self.descend(Qt, fs, bests, histories)
 
 
 @register_solver("quantease", QuantEaseOptions)
@@ -265,35 +308,51 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
 
         return solve_with_outliers(W, sigma, spec, options, target)
     check_layer(W, sigma)
-    W, Sigma = W.float(), sigma.float()
+    return _solve([W], sigma, spec, options, target)[0]
+
+
+@register_stacked("quantease")
+@torch.no_grad()
+def solve_stacked(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+                  target: Target | None = None) -> list[SolveResult]:
+    """`solve` of each layer of Ws (all reading the input Σ describes), as one problem with the rows stacked, so
+    each column update is one operation over every layer's rows. Same results as one solve per layer. Outlier-aware
+    QuantEase has a per-layer budget and runs one layer at a time."""
+    if options.outliers > 0:
+        return [solve(W, sigma, spec, options, target) for W in Ws]
+    for W in Ws:
+        check_layer(W, sigma)
+    return _solve(Ws, sigma, spec, options, target)
+
+
+def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+           target: Target | None) -> list[SolveResult]:
+    W, Sigma = torch.cat([w.float() for w in Ws]), sigma.float()  # [q, p] every layer's rows
+    ends = torch.tensor([w.shape[0] for w in Ws]).cumsum(0).tolist()
+    segments = [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
     Q, grid, notes = _initialize(W, Sigma, spec, options, target)
-    prob = _Problem(W, Sigma, options, target)
+    prob = _Problem(W, Sigma, options, target, segments)
     prob.use_grid(grid)
     Qt = prob.layout(Q)
     Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
     start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
-    f0 = prob.residual(start)[1]
-    history = [f0]
-    best = (f0, start, grid)
+    fs = prob.residual(start)[1]
+    histories = [[f] for f in fs]
+    bests = [_Best(f, start[:, s].clone(), grid) for f, s in zip(fs, segments)]
     from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
     if options.relax_sweeps:
         Gt, _ = prob.residual(Qt)
         for _ in range(options.relax_sweeps):
             prob.sweep(Qt, Gt, relaxed=True)
             Gt, _ = prob.residual(Qt)
-    best = prob.descend(Qt, f0, best, history, first_from_w=from_w)
+    prob.descend(Qt, fs, bests, histories, first_from_w=from_w)
     for _ in range(options.refit):
-        W_hat = prob.original(best[1])
-        prob.use_grid(refit_grid(W, W_hat, Sigma, best[2], spec.sym, None if target is None else target.shift(W)))
-        Qt = prob.layout(prob.grid.dequantize(prob.grid.quantize(W_hat)))
-        f = prob.residual(Qt)[1]
-        history.append(f)
-        if f < best[0]:
-            best = (f, Qt.clone(), prob.grid)
-        best = prob.descend(Qt, f, best, history)
+        prob.refit(W, Sigma, bests, spec.sym, target, histories)
 
-    _, best_t, grid = best
-    W_hat = prob.original(best_t)  # [q, p] original column order
-    qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
-    assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
-    return SolveResult(qw, layer_loss(W, W_hat, sigma, target), history, notes)
+    results = []
+    for k, (w, s) in enumerate(zip(Ws, segments)):
+        W_hat, grid = prob.original(bests[k].Qt), _rows(bests[k].grid, s)  # [q_s, p] original column order
+        qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
+        assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
+        results.append(SolveResult(qw, layer_loss(w.float(), W_hat, sigma, target), histories[k], list(notes)))
+    return results
