@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint.reload import is_quantized_checkpoint, load_quantized
 from .config import QuantConfig
+from .data.windows import BOS_MODES
+from .errors import UsageError
 from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
 from .models.builtin import BUILTIN_MODELS, cache_dir
@@ -38,31 +40,40 @@ def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[
 
 def evaluate_perplexity(
     model: str | Path, datasets: list[str], seqlen: int = 2048, limit: int | None = None, device: str = "auto",
-    packed: bool = False, progress: bool = True, save: bool = True,
+    packed: bool = False, progress: bool = True, save: bool = True, bos: str = "auto",
 ) -> list[PerplexityResult]:
-    """Perplexity of `model` on each dataset; the results are also saved in `results_path(model)`."""
+    """Perplexity of `model` on each dataset with the BOS mode `bos` (auto, every, first, never; see
+    data/windows.py); the results are also saved in `results_path(model)`."""
+    if bos not in BOS_MODES:  # before the model loads
+        raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
     net, tokenizer, _ = load(model, packed=packed, device=device)
     dev = next(net.parameters()).device
-    results = [perplexity_on(net, tokenizer, d, seqlen, limit, dev, progress) for d in datasets]
+    results = [perplexity_on(net, tokenizer, d, seqlen, limit, dev, progress, bos) for d in datasets]
     if save:
         _save_eval(results_path(model), "perplexity", {_ppl_key(r): r.to_dict() for r in results})
     return results
 
 
 def _ppl_key(r: PerplexityResult) -> str:
-    return f"{r.dataset}:seqlen={r.seqlen}:windows={r.windows}"  # the protocol is in the key
+    """The protocol is in the key; the BOS mode is named unless it is the one used before --bos existed, so results
+    saved then keep their keys and no two BOS modes share one."""
+    return f"{r.dataset}:seqlen={r.seqlen}:windows={r.windows}" + ("" if r.legacy else f":bos={r.bos}")
 
 
 def evaluate_zeroshot(
     model: str | Path, tasks: list[str], limit: int | None = None, num_fewshot: int = 0, batch_size: int = 1,
     device: str = "auto", tasks_dir: str | Path | None = None, save: bool = True, packed: bool = False,
+    bos: str = "auto",
 ) -> dict[str, dict]:
     """lm-eval accuracy of `model` on each task: {task: {metric: value, "protocol": {...}, "seconds": s}}.
 
-    `limit` caps the documents per task. The results are also saved in `results_path(model)` under "zeroshot",
-    keyed by task, few-shot count and limit. Task names and data are checked before the model loads.
+    `limit` caps the documents per task; `bos` says whether each request starts with BOS (see
+    zeroshot.lm_tokenizer). The results are also saved in `results_path(model)` under "zeroshot", keyed by task,
+    few-shot count and limit (and the BOS mode where it is not the tokenizer's own). Task names and data are
+    checked before the model loads.
     """
-    settings = ZeroShotSettings(tuple(tasks), limit, num_fewshot, batch_size, str(tasks_dir) if tasks_dir else None)
+    settings = ZeroShotSettings(tuple(tasks), limit, num_fewshot, batch_size, str(tasks_dir) if tasks_dir else None,
+                                bos)
     return _zeroshot(model, settings, load_tasks(settings), device, packed, save)
 
 
@@ -78,13 +89,15 @@ def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks
 def evaluate(
     model: str | Path, datasets: list[str], zeroshot: ZeroShotSettings | None = None, seqlen: int = 2048,
     limit: int | None = None, device: str = "auto", packed: bool = False, progress: bool = True, save: bool = True,
+    bos: str = "auto",
 ) -> dict[str, dict]:
-    """Perplexity on `datasets` and the lm-eval tasks of `zeroshot`, in eval.json's layout: {"perplexity": {key:
-    result}, "zeroshot": {key: result}}, each key naming the protocol. The tasks are loaded before anything runs."""
+    """Perplexity on `datasets` (BOS mode `bos`) and the lm-eval tasks of `zeroshot` (its own `bos`), in eval.json's
+    layout: {"perplexity": {key: result}, "zeroshot": {key: result}}, each key naming the protocol. The tasks are
+    loaded before anything runs."""
     loaded = load_tasks(zeroshot) if zeroshot else None
     out: dict[str, dict] = {}
     if datasets:
-        ppl = evaluate_perplexity(model, datasets, seqlen, limit, device, packed, progress, save)
+        ppl = evaluate_perplexity(model, datasets, seqlen, limit, device, packed, progress, save, bos)
         out["perplexity"] = {_ppl_key(r): r.to_dict() for r in ppl}
     if zeroshot and loaded:
         acc = _zeroshot(model, zeroshot, loaded, device, packed, save)
