@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint.reload import is_quantized_checkpoint, load_quantized
 from .config import QuantConfig
-from .data.windows import BOS_MODES
+from .data.windows import BOS_MODES, resolve_bos
 from .errors import UsageError
 from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
@@ -19,8 +19,8 @@ from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
 from .pipeline import quantize, resolve_device
 
-__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "evaluate_perplexity",
-           "evaluate_zeroshot", "results_path", "stored_results"]
+__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "load_tokenizer", "check_bos", "evaluate",
+           "evaluate_perplexity", "evaluate_zeroshot", "results_path", "stored_results"]
 
 
 def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:
@@ -30,12 +30,26 @@ def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[
     (QuantLinear, dequantized on every forward: slower, but the weights take bits/32 of the memory)."""
     if is_quantized_checkpoint(model):
         net, info = load_quantized(Path(model), dense=not packed)
-        tokenizer = AutoTokenizer.from_pretrained(model)
     else:
-        path = resolve_model_path(str(model))
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer, info = AutoTokenizer.from_pretrained(path), None
-    return net.to(resolve_device(device)), tokenizer, info
+        net = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(model)), dtype=torch.float32).eval()
+        info = None
+    return net.to(resolve_device(device)), load_tokenizer(model), info
+
+
+def load_tokenizer(model: str | Path) -> Any:
+    """The tokenizer of a quantease checkpoint, a built-in name or an HF folder (cheap: no weights are read)."""
+    return AutoTokenizer.from_pretrained(model if is_quantized_checkpoint(model) else resolve_model_path(str(model)))
+
+
+def check_bos(model: str | Path, bos: str) -> str:
+    """The BOS mode `bos` resolves to for `model`'s tokenizer (every, first or never); a mode the tokenizer cannot
+    meet is an error naming the model, raised before any weights load."""
+    if bos not in BOS_MODES:
+        raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    try:
+        return resolve_bos(load_tokenizer(model), bos)
+    except UsageError as e:
+        raise UsageError(f"{model}: {e}") from None
 
 
 def evaluate_perplexity(
@@ -44,8 +58,7 @@ def evaluate_perplexity(
 ) -> list[PerplexityResult]:
     """Perplexity of `model` on each dataset with the BOS mode `bos` (auto, every, first, never; see
     data/windows.py); the results are also saved in `results_path(model)`."""
-    if bos not in BOS_MODES:  # before the model loads
-        raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    check_bos(model, bos)  # before the model loads
     net, tokenizer, _ = load(model, packed=packed, device=device)
     dev = next(net.parameters()).device
     results = [perplexity_on(net, tokenizer, d, seqlen, limit, dev, progress, bos) for d in datasets]
@@ -79,6 +92,7 @@ def evaluate_zeroshot(
 
 def _zeroshot(model: str | Path, settings: ZeroShotSettings, loaded: LoadedTasks, device: str, packed: bool,
               save: bool) -> dict[str, dict]:
+    check_bos(model, settings.bos)
     net, tokenizer, _ = load(model, packed=packed, device=device)
     results = evaluate_tasks(net, tokenizer, loaded, settings)
     if save:

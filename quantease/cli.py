@@ -141,6 +141,8 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         raise UsageError("--compare writes its checkpoints beside --out: give --out")
     baselines = [api.QuantConfig.from_dict({**values, "method": m, "method_options": {}, "out": f"{config.out}-{m}"})
                  for m in _csv(compare)]
+    if ppl:  # the --ppl BOS mode must fit the tokenizer: found out now, not after quantizing
+        api.check_bos(config.model, ppl_bos or config.bos)
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
         from .models.reader import read_config, resolve_model_path
@@ -253,6 +255,8 @@ def _eval_plan(opts: dict):
 def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, dict]:
     from . import api
 
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, opts["bos"])
     return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["packed"],
                             progress=not opts["quiet"], bos=opts["bos"]) for m in models}
 
@@ -313,6 +317,8 @@ def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, jso
     from . import api
     from .report import perplexity_table
 
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, bos)
     rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet, bos=bos)
             for m in models}
     click.echo(perplexity_table(rows))
