@@ -230,3 +230,108 @@ def test_default_model_under_auto_is_what_it_was_before_bos(tmp_path):
 
 
 SMOLLM2_W4_SETTINGS_SHA = "f8e446ef1f4b2fe000e1eecd96a217fda054d110c3ebeda396ee1506f1166c08"
+
+
+def _sums_task(folder: Path) -> Path:
+    """A tiny local lm-eval task (multiple choice, as every offline task we ship is)."""
+    docs = [{"q": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "gold": 0}
+            for a in range(3) for b in range(2)]
+    (folder / "sums.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "sums.yaml").write_text(
+        "task: sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'sums.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    return folder
+
+
+def _lm_eval_inputs(model_dir: Path, bos: str, tasks_dir: Path, fewshot: int = 0) -> tuple[list[list[int]], dict]:
+    """The token ids lm-eval's HFLM sends to the model (a forward pre-hook), and the result's protocol."""
+    from quantease.api import load
+    from quantease.eval.zeroshot import ZeroShotSettings, evaluate_tasks, load_tasks
+
+    settings = ZeroShotSettings(("sums",), num_fewshot=fewshot, tasks_dir=str(tasks_dir), bos=bos)
+    model, tok, _ = load(model_dir)
+    seen: list[list[int]] = []
+
+    def record(_module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        seen.extend(ids.tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = evaluate_tasks(model, tok, load_tasks(settings), settings)["sums"]
+    finally:
+        handle.remove()
+    return seen, result["protocol"]
+
+
+@pytest.mark.parametrize("fewshot", [0, 2])
+def test_lm_eval_requests_neither_double_nor_drop_bos(fewshot, models, toks, tmp_path):
+    from quantease.eval.zeroshot import result_key
+
+    tasks = _sums_task(tmp_path)
+    bos = toks["adds"].bos_token_id
+    rows = {(name, mode): _lm_eval_inputs(models[name], mode, tasks, fewshot)
+            for name, mode in [("adds", "auto"), ("adds", "every"), ("adds", "first"), ("adds", "never"),
+                               ("has", "auto"), ("has", "every")]}
+    for (name, mode), (seen, protocol) in rows.items():
+        with_bos = (name, mode) not in (("adds", "never"), ("has", "auto"))
+        # batch size 1, so no padding; one row per document: its two choices are one token each, and the input is
+        # context + continuation without its last token, so lm-eval scores both from one forward
+        assert len(seen) == 6
+        assert protocol["bos"] == ("every" if with_bos else "never") and protocol["adds_bos"] == (name == "adds")
+        for ids in seen:  # exactly one BOS, at position 0; or none
+            assert ids.count(bos) == int(with_bos) and (ids[0] == bos) == with_bos, (name, mode, ids)
+    # the BOS is prepended and nothing else changes: the same requests as without it
+    plain = sorted(map(tuple, rows["adds", "never"][0]))
+    for key in (("adds", "auto"), ("adds", "every"), ("has", "every")):
+        assert sorted(tuple(ids[1:]) for ids in rows[key][0]) == plain
+    assert sorted(map(tuple, rows["has", "auto"][0])) == plain
+    # keys: the tokenizer's own behaviour keeps the key results had before --bos; another mode is named
+    assert result_key("sums", rows["adds", "auto"][1]).endswith(":limit=all")
+    assert result_key("sums", rows["adds", "never"][1]).endswith(":limit=all:bos=never")
+    assert result_key("sums", rows["has", "every"][1]).endswith(":limit=all:bos=every")
+
+
+def test_comparison_rows_keep_bos_modes_apart():
+    from quantease.eval.report import compare
+
+    def ppl(value: float, bos: str | None, adds: bool) -> dict:
+        r = {"dataset": "wiki", "seqlen": 512, "windows": 8, "tokens": 4088, "ppl": value}
+        return r | ({} if bos is None else {"bos": bos, "adds_bos": adds})
+
+    cmp = compare({"no-bos-model": {"perplexity": {"a": ppl(20.0, "never", False), "b": ppl(21.0, "every", False)}},
+                   "bos-model": {"perplexity": {"a": ppl(15.0, "every", True), "b": ppl(28.0, "first", True)}},
+                   "saved-before": {"perplexity": {"a": ppl(19.0, None, False)}}})
+    # each model under what auto gives its tokenizer (and results saved before --bos) share one row
+    assert cmp.rows["ppl wiki (seqlen 512, 8 windows)"].values == {"no-bos-model": 20.0, "bos-model": 15.0,
+                                                                    "saved-before": 19.0}
+    assert cmp.rows["ppl wiki (seqlen 512, 8 windows, BOS every)"].values == {"no-bos-model": 21.0}
+    assert cmp.rows["ppl wiki (seqlen 512, 8 windows, BOS first)"].values == {"bos-model": 28.0}
+
+
+def test_sweep_evaluates_with_the_runs_bos_mode_once(models, calib_file, tmp_path, monkeypatch):
+    import yaml
+
+    import quantease.api as api
+    from quantease.sweep import load_sweep, run_job
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": {"model": str(models["adds"]), "calib": str(calib_file), "nsamples": 2,
+                                              "seqlen": SEQLEN, "method": "rtn"}, "grid": {"bos": ["first", "auto"]},
+                                     "eval": {"ppl": [str(calib_file)], "seqlen": SEQLEN, "limit": 2}}))
+    spec = load_sweep(sweep)
+    for job in spec.jobs(tmp_path / "runs"):
+        run_job(job, spec.eval, progress=False)
+        saved = json.loads((Path(job.config.out) / "eval.json").read_text())["perplexity"]
+        calibrated = json.loads((Path(job.config.out) / "quantease.json").read_text())["calibration"]["bos"]
+        assert [r["bos"] for r in saved.values()] == [calibrated]  # eval defaults to the run's own mode
+        calls = []
+        monkeypatch.setattr(api, "evaluate_perplexity", lambda *a, **k: calls.append(a))
+        run_job(job, spec.eval, progress=False)  # complete and evaluated under that mode: nothing to do
+        monkeypatch.undo()
+        assert calls == []
+    bad = sweep.read_text().replace("limit: 2", "limit: 2\n  bos: sometimes")
+    sweep.write_text(bad)
+    with pytest.raises(UsageError, match="eval bos must be one of auto, every, first, never"):
+        load_sweep(sweep)
