@@ -119,7 +119,8 @@ def eval_windows(stream: TokenStream, seqlen: int, limit: int | None = None) -> 
     span = stream.span(seqlen)
     n = stream.ids.numel() // span
     if n == 0:
-        raise DataError(f"evaluation text has {stream.ids.numel()} tokens, fewer than one window of {span}")
+        what = f"one window of {seqlen}" if span == seqlen else f"the {span} text tokens of one window after its BOS"
+        raise DataError(f"evaluation text has {stream.ids.numel()} tokens, fewer than {what}")
     if limit is not None:
         n = min(n, limit)
     return torch.stack([stream.window(k * span, seqlen) for k in range(n)])

@@ -1,8 +1,9 @@
 """Side-by-side comparison of evaluation results: a text table, a JSON document and a bar chart.
 
 Input per model is eval.json's layout, {"perplexity": {key: result}, "zeroshot": {key: result}}. Each metric under
-one protocol (dataset, window length and count; or task, few-shot count and documents) becomes one row, so numbers
-are only ever set side by side when they were measured the same way. Deltas are against the first model.
+one protocol (dataset, window length and count; or task, few-shot count and documents; and the BOS mode, where it is
+not what --bos auto gives the model's tokenizer) becomes one row, so numbers are only ever set side by side when
+they were measured the same way. Deltas are against the first model.
 """
 from __future__ import annotations
 

@@ -86,8 +86,7 @@ def lm_tokenizer(tokenizer: Any, bos: str) -> tuple[Any, bool | None, str]:
 def _with_bos(tokenizer: Any) -> Any:
     """A copy of the tokenizer that puts its BOS before every text it encodes with special tokens."""
     copy = deepcopy(tokenizer)
-    if hasattr(type(copy), "update_post_processor"):  # tokenizers-backed: the post-processor adds special tokens
-        copy.add_bos_token = True
+    copy.add_bos_token = True  # tokenizers-backed classes rebuild their post-processor from it, others read it
     if not adds_bos(copy):
         raise UsageError(f"--bos every: cannot make this {type(tokenizer).__name__} add its BOS for lm-eval; "
                          "use --bos auto or never")
