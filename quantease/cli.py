@@ -99,6 +99,11 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Each group of linears sees the already-quantized earlier groups of its block.")
 @click.option("--propagate/--no-propagate", default=True, show_default=True,
               help="The next block sees the quantized block's outputs (else the original's).")
+@click.option("--target", type=click.Choice(["layer", "propagated"]), default="layer", show_default=True,
+              help="Layer objective ||WX - ŴX||², or the propagated one ||W X_fp - Ŵ X||² against the original "
+              "model's inputs (one more block forward per block).")
+@click.option("--alpha", default=1.0, show_default=True, type=float,
+              help="Strength of --target propagated: the target input is X + alpha (X_fp - X).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--allow-pickle", is_flag=True, default=False,
               help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with weights_only).")
@@ -147,10 +152,11 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         from .checkpoint.export import export_checkpoint, precheck
         from .models.reader import read_config, resolve_model_path
 
-        opts = config.method_options
+        opts = config.solver_options()  # GPTQ's own, or the GPTQ initialization's of QuantEase
+        act_order = getattr(opts, "act_order", getattr(opts, "gptq_act_order", False))
+        static = getattr(opts, "static_groups", getattr(opts, "gptq_static_groups", True))
         model_type = read_config(resolve_model_path(config.model, config.allow_pickle)).model_type
-        precheck(fmt, config.bits, config.group_size != -1 and config.method == "gptq"
-                 and opts.get("act_order", False) and not opts.get("static_groups", False), model_type)
+        precheck(fmt, config.bits, config.group_size != -1 and act_order and not static, model_type)
     others = []
     for baseline in baselines:
         others.append(api.quantize(baseline, overwrite=overwrite, restart=restart, progress=not quiet))

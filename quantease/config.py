@@ -34,6 +34,8 @@ class QuantConfig:
     calib_batch_size: int = 4
     sequential: bool = True  # each group of linears sees the already-quantized earlier groups of its block
     propagate: bool = True  # the next block sees the quantized block's outputs (False: the original's)
+    target: str = "layer"  # "layer": ||W X - Ŵ X||²; "propagated": ||W X_α - Ŵ X||², X_α toward the original's inputs
+    alpha: float = 1.0  # strength of the propagated target: X_α = X + α (X_fp - X)
     device: str = "auto"
     allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
@@ -55,6 +57,10 @@ class QuantConfig:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.bos not in BOS_MODES:
             raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+        if self.target not in ("layer", "propagated"):
+            raise UsageError(f"target must be 'layer' or 'propagated', got {self.target!r}")
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UsageError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -65,10 +71,13 @@ class QuantConfig:
         return get_solver(self.method).make_options(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings; the FFSplit ones only when FFSplit is on, so other runs' checkpoints stay as they were."""
+        """All settings; the FFSplit and propagated-target ones only when on, so other runs' checkpoints (and their
+        fingerprints) stay as they were."""
         values = asdict(self)
         if not self.ffsplit:
             del values["ffsplit"], values["heavy_bits"]
+        if self.target == "layer":
+            del values["target"], values["alpha"]
         return values
 
     @classmethod

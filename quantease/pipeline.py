@@ -8,9 +8,14 @@
 
 The driver knows solvers only through the registry entry (name, options), never by type. A rerun of the same
 command continues after the last finished block (see checkpoint/resume.py).
+
+With target="propagated" the original model's hidden states travel beside the quantized ones: each block keeps a
+copy of its original weights, which runs on the original inputs, so every dense group's Σ is paired with the same
+tokens' original inputs (solvers/base.py, Target), and the copy's outputs are the next block's original inputs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -35,6 +40,7 @@ from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
 from .models.registry import ArchSpec, FFNSpec
 from .solvers import GridSpec, SolveResult, get_solver
+from .solvers.base import Target, output_energy
 
 __all__ = ["quantize", "quantize_block", "resolve_device", "LayerRecord"]
 
@@ -61,13 +67,14 @@ class LayerRecord:
     seconds: float
     tensors: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)  # entry fields that replace or add to the result's (FFSplit)
+    objective: str = "layer"  # what loss measures: "layer" ||W X - Ŵ X||², "propagated" ||W X_α - Ŵ X||² (per token)
 
     def info(self, spec: GridSpec, method: str) -> dict[str, Any]:
         r = self.result
         q, p = r.weight.shape
         info = {
             "out_features": q, "in_features": p, "bits": spec.bits, "group_size": spec.group_size,
-            "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method,
+            "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method, "objective": self.objective,
             "loss": r.loss, "rel_error": r.loss / self.reference if self.reference > 0 else 0.0,
             "history": r.history, "notes": r.notes, "bits_per_weight": effective_bits(self.tensors, q, p),
         }
@@ -81,33 +88,34 @@ class LayerRecord:
         return info
 
 
-def _output_energy(W: torch.Tensor, sigma: torch.Tensor) -> float:
-    """tr(W Σ Wᵀ) in fp64: what each layer's relative error is relative to."""
-    return float(((W.double() @ sigma.double()) * W.double()).sum())
-
-
 def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor | None, name: str, config: QuantConfig,
-                 split: tuple[str, torch.Tensor] | None = None, fallback: str | None = None) -> LayerRecord:
+                 split: tuple[str, torch.Tensor] | None = None, fallback: str | None = None,
+                 target: Target | None = None) -> LayerRecord:
     """Solve one linear in place; `split` = (axis, heavy neuron indices) solves it as FFSplit parts; `fallback`
-    (why) rounds it with RTN instead of the configured solver. Σ is None when the layer saw no calibration token."""
+    (why) rounds it with RTN instead of the configured solver; `target` is the propagated one, if any. Σ is None
+    when the layer saw no calibration token."""
     W = weight_matrix(module).float()
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name} has NaN/Inf weights")
     if split is not None:
-        return _solve_split_layer(module, W, sigma, config, split)
+        return _solve_split_layer(module, W, sigma, config, split, target)
     start = time.perf_counter()
     method = config.method if fallback is None and sigma is not None else "rtn"
     entry = get_solver(method)
     options = config.solver_options() if method == config.method else entry.make_options()
-    result = entry.solve(W, sigma, config.grid(), options)
+    result = entry.solve(W, sigma, config.grid(), options, target)
     if sigma is None:  # no token reached the layer: nothing to measure its error on
         result.loss, result.history = 0.0, [0.0]
     if fallback:
         result.notes.append(fallback)
     seconds = time.perf_counter() - start
     set_weight_matrix(module, result.weight.dequantize())
-    reference = 0.0 if sigma is None else _output_energy(W, sigma)
-    return LayerRecord(result, reference, seconds, encode(result.weight))
+    reference = 0.0 if sigma is None else output_energy(W, sigma, target)
+    return LayerRecord(result, reference, seconds, encode(result.weight), objective=_objective(target))
+
+
+def _objective(target: Target | None) -> str:
+    return "layer" if target is None else "propagated"
 
 
 def _starved(arch: ArchSpec, name: str, module: torch.nn.Module, tokens: int, method: str) -> str | None:
@@ -120,15 +128,15 @@ def _starved(arch: ArchSpec, name: str, module: torch.nn.Module, tokens: int, me
 
 
 def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Tensor, config: QuantConfig,
-                       split: tuple[str, torch.Tensor]) -> LayerRecord:
+                       split: tuple[str, torch.Tensor], target: Target | None) -> LayerRecord:
     from .ffsplit import solve_split
 
     start = time.perf_counter()
-    layer = solve_split(W, sigma, split[0], split[1], config)
+    layer = solve_split(W, sigma, split[0], split[1], config, target)
     seconds = time.perf_counter() - start
     set_weight_matrix(module, layer.W_hat)
-    reference = _output_energy(W, sigma)
-    return LayerRecord(layer.light, reference, seconds, layer.tensors, layer.extra)
+    reference = output_energy(W, sigma, target)
+    return LayerRecord(layer.light, reference, seconds, layer.tensors, layer.extra, _objective(target))
 
 
 def _heavy_neurons(block: torch.nn.Module, ffn: FFNSpec, sigma_down: torch.Tensor, config: QuantConfig
@@ -144,14 +152,19 @@ def _heavy_neurons(block: torch.nn.Module, ffn: FFNSpec, sigma_down: torch.Tenso
 
 def quantize_block(
     block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
-    observe: Callable[[str, torch.Tensor], None] | None = None,
-) -> tuple[dict[str, LayerRecord], list[torch.Tensor]]:
-    """Quantize every linear of one block in place; return their records and the block's output hidden states.
+    observe: Callable[[str, torch.Tensor], None] | None = None, reference: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
+    """Quantize every linear of one block in place; return their records, the block's output hidden states and,
+    given the original model's input hidden states (`reference`, target="propagated"), the original's outputs.
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
-    down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py."""
+    down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py. Routed experts
+    see other tokens in the two models, so their Σ is not paired: they keep the layer objective."""
+    original = copy.deepcopy(block) if reference is not None else None  # the original weights, for the reference
     original_outputs = None if config.propagate else run_block(block, inputs)
     stages = arch.stages(block, config.sequential)
+    paired = {g for stage in stages for g in stage if not any(arch.is_expert(n) for n in g)}
+    pairing = None if original is None else (original, reference, paired)
     records: dict[str, LayerRecord] = {}
     ffn = arch.ffn
     split_on = bool(config.ffsplit) and ffn is not None
@@ -160,22 +173,27 @@ def quantize_block(
     for stage in stages:
         scoring = split_on and heavy is None and any(ffn.up in g for g in stage)
         down = [(ffn.down,)] if scoring and (ffn.down,) not in stage else []
-        grams = collect_grams(block, stage + down, inputs)
+        grams = collect_grams(block, stage + down, inputs, pairing)
         if scoring:
             heavy, stats = _heavy_neurons(block, ffn, grams[(ffn.down,)].sigma(), config)
         for group in stage:
             gram = grams.get(group)
             sigma = None if gram is None else gram.sigma()
+            target = None if gram is None else gram.target(config.alpha)
             for name in group:
                 module = block.get_submodule(name)
                 fallback = _starved(arch, name, module, 0 if gram is None else gram.count, config.method)
                 if observe and sigma is not None:
                     observe(name, sigma)
                 split = (axis[name], heavy) if name in axis and heavy is not None else None
-                records[name] = _solve_layer(module, sigma, name, config, split, fallback)
+                records[name] = _solve_layer(module, sigma, name, config, split, fallback, target)
     if split_on and heavy is not None:
         records[ffn.down].extra["heavy_hitters"] = stats
-    return records, original_outputs or run_block(block, inputs)
+    outputs = original_outputs or run_block(block, inputs)
+    if original is None:
+        return records, outputs, None
+    # not propagating, the inputs are the original's already, and so are the outputs
+    return records, outputs, original_outputs or run_block(original, BlockInputs(reference, inputs.calls))
 
 
 def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> dict[str, torch.Tensor]:
@@ -286,8 +304,9 @@ class _Run:
         self.log: dict[str, Any] = {"capture_s": 0.0, "blocks_s": [], "layer_s": {}, "resumed_at": []}
         self.calls: list[list[Call]] = []
 
-    def first_inputs(self, windows: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
-        """The first block to quantize and its input hidden states (block 0's, or those a killed run saved)."""
+    def first_inputs(self, windows: torch.Tensor) -> tuple[int, list[torch.Tensor], list[torch.Tensor] | None]:
+        """The first block to quantize, its input hidden states (block 0's, or those a killed run saved) and, with the
+        propagated target, the original model's (at block 0 the same tensors)."""
         t0 = time.perf_counter()
         self.lazy.load_outer(self.device)
         hidden, self.calls = capture_block_inputs(self.lazy.model, self.lazy.blocks,
@@ -298,18 +317,20 @@ class _Run:
             self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
                                            for n in self.lazy.outer_params()})
             self.log["capture_s"] = round(time.perf_counter() - t0, 3)
-            return 0, hidden
-        start, self.layers, self.log, hidden = saved
+            return 0, hidden, (hidden if self.config.target == "propagated" else None)
+        start, self.layers, self.log, hidden, reference = saved
         self.log["resumed_at"].append(start)
-        return start, [h.to(self.device) for h in hidden]
+        on_device = lambda xs: None if xs is None else [x.to(self.device) for x in xs]
+        return start, on_device(hidden), on_device(reference)
 
-    def block(self, i: int, hidden: list[torch.Tensor], observe: SigmaObserver | None) -> list[torch.Tensor]:
+    def block(self, i: int, hidden: list[torch.Tensor], reference: list[torch.Tensor] | None,
+              observe: SigmaObserver | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         t0 = time.perf_counter()
         block = self.lazy.load_block(i, self.device)
         obs = (lambda name, s: observe(i, name, s)) if observe else None
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            records, outputs = quantize_block(block, self.lazy.arch, inputs, self.config, obs)
+            records, outputs, reference = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, or use --device cpu") from None
@@ -321,9 +342,9 @@ class _Run:
             self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
         last = i + 1 == len(self.lazy.blocks)
-        self.resume.save(i + 1, self.layers, self.log, [] if last else outputs)
+        self.resume.save(i + 1, self.layers, self.log, [] if last else outputs, None if last else reference)
         fault_point(f"block:{i}")
-        return outputs
+        return outputs, reference
 
     def finish(self, model_path: Path, calibration: dict[str, Any], fp: Fingerprint, started: float) -> None:
         self.log["total_s"] = round(time.perf_counter() - started, 3)
@@ -365,11 +386,11 @@ def quantize(
         return out
     _check_disk(out, lazy, config)
     run = _Run(config, device, lazy, out, resume)
-    start, hidden = run.first_inputs(windows)
+    start, hidden, reference = run.first_inputs(windows)
     bar = tqdm(range(start, len(lazy.blocks)), desc="quantize", unit="block", disable=not progress,
                initial=start, total=len(lazy.blocks))
     for i in bar:
-        hidden = run.block(i, hidden, observe)
+        hidden, reference = run.block(i, hidden, reference, observe)
         bar.set_postfix(sec=f"{run.log['blocks_s'][-1]:.1f}")
     run.finish(path, calibration, fp, started)
     return out

@@ -84,6 +84,20 @@ def test_changed_settings_refuse_to_mix_runs(four_block_llama, calib_file, refer
         shutil.rmtree(out, ignore_errors=True)
 
 
+def test_propagated_target_resumes_with_the_original_model_inputs(four_block_llama, calib_file, tmp_path):
+    """The resume state carries the original model's hidden states too: a killed run resumes to the same bytes."""
+    target = ("--target", "propagated", "--alpha", "0.5")
+    out = tmp_path / "q"
+    assert quantize(four_block_llama, out, calib_file, *target).returncode == 0
+    whole = checkpoint_files(out)
+    shutil.rmtree(out)
+    assert quantize(four_block_llama, out, calib_file, *target, fault="block:1").returncode == -9
+    mixed = quantize(four_block_llama, out, calib_file)  # the layer objective is another run
+    assert mixed.returncode == 6 and "different settings" in mixed.stderr
+    assert quantize(four_block_llama, out, calib_file, *target).returncode == 0
+    assert checkpoint_files(out) == whole
+
+
 def test_same_inputs_give_identical_bytes(four_block_llama, calib_file, reference):
     out, expected = reference
     try:

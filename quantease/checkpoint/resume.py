@@ -3,7 +3,8 @@
 DIR/.resume/settings.json      the settings, so that a refused rerun can name the ones it changed
 DIR/.resume/fingerprint.json   what the run is made of: model files, calibration tokens, settings (hashes)
 DIR/.resume/state.json         the next block to quantize and the per-layer records so far (written last per block)
-DIR/.resume/inputs-K.safetensors  block K's calibration inputs (fp32, exact); only the one state.json names is kept
+DIR/.resume/inputs-K.safetensors  block K's calibration inputs (fp32, exact; with the propagated target also the
+                               original model's); only the one state.json names is kept
 
 A rerun with the same fingerprint continues after the last block whose state was written; every file is replaced
 atomically, so a kill at any instant leaves either the old or the new state. The other arguments block 0 receives
@@ -92,23 +93,28 @@ class ResumeState:
         path = self.dir / "settings.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def load(self) -> tuple[int, dict[str, Any], dict[str, Any], list[torch.Tensor]] | None:
-        """(next block, layer records, run log, its input batches), or None if no block was completed."""
+    def load(self) -> tuple[int, dict[str, Any], dict[str, Any], list[torch.Tensor], list[torch.Tensor] | None] | None:
+        """(next block, layer records, run log, its input batches, the original model's input batches or None), or
+        None if no block was completed."""
         path = self.dir / "state.json"
         if not path.exists():
             return None
         state = json.loads(path.read_text())
         tensors = load_file(self._inputs(state["next_block"]))
-        batches = [tensors[f"batch{i:05d}"] for i in range(len(tensors))]
-        return state["next_block"], state["layers"], state["run"], batches
+        batches = [tensors[f"batch{i:05d}"] for i in range(sum(k.startswith("batch") for k in tensors))]
+        refs = [tensors[f"ref{i:05d}"] for i in range(len(batches))] if "ref00000" in tensors else None
+        return state["next_block"], state["layers"], state["run"], batches, refs
 
     def _inputs(self, block: int) -> Path:
         return self.dir / f"inputs-{block:05d}.safetensors"
 
-    def save(self, next_block: int, layers: dict[str, Any], run: dict[str, Any], inputs: list[torch.Tensor]) -> None:
+    def save(self, next_block: int, layers: dict[str, Any], run: dict[str, Any], inputs: list[torch.Tensor],
+             reference: list[torch.Tensor] | None = None) -> None:
         path = self._inputs(next_block)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({f"batch{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}, str(tmp))
+        tensors = {f"batch{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}
+        tensors.update({f"ref{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(reference or [])})
+        save_file(tensors, str(tmp))
         fault_point("resume-inputs")
         os.replace(tmp, path)
         # the inputs exist before the state that points at them; older inputs go only after the state moved on

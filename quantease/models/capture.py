@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import NumericalError
+from ..solvers.base import Target
 
 __all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_grams"]
 
@@ -99,15 +100,23 @@ def run_block(block: torch.nn.Module, inputs: BlockInputs) -> list[torch.Tensor]
 
 
 class GramAccumulator:
-    """Σ = (1/N) Σ_n x_n x_nᵀ over every token n seen, summed in fp64 from fp32 batch products."""
+    """Σ = (1/N) Σ_n x_n x_nᵀ over every token n seen, summed in fp64 from fp32 batch products; with the same tokens'
+    inputs in the original model (`ref`), also Δ = (1/N) Σ_n (x_fp - x)_n x_nᵀ and Σ_d = (1/N) Σ_n (x_fp - x)_n (x_fp - x)_nᵀ
+    for the propagated target (solvers/base.py)."""
 
-    def __init__(self, dim: int, device: torch.device | str):
+    def __init__(self, dim: int, device: torch.device | str, paired: bool = False):
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.delta = torch.zeros_like(self.sum) if paired else None
+        self.dd = torch.zeros_like(self.sum) if paired else None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, p]
         self.sum += (x.T @ x).double()
+        if self.delta is not None:
+            dx = ref.reshape(x.shape).float() - x  # [tokens, p]; exactly 0 where the two models agree
+            self.delta += (dx.T @ x).double()
+            self.dd += (dx.T @ dx).double()
         self.count += x.shape[0]
 
     def sigma(self) -> torch.Tensor:
@@ -115,19 +124,56 @@ class GramAccumulator:
             raise NumericalError("non-finite activations (NaN/Inf) at a linear layer's input")
         return (self.sum / max(self.count, 1)).float()
 
+    def target(self, alpha: float) -> Target | None:
+        """The propagated target's statistics, or None for an unpaired accumulator."""
+        if self.delta is None:
+            return None
+        n = max(self.count, 1)
+        return Target((self.delta / n).float(), (self.dd / n).float(), alpha)
+
+
+def _first_inputs(block: torch.nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, call: Call
+                  ) -> dict[tuple[str, ...], torch.Tensor]:
+    """The input each group's modules read in one call of `block` (the pass stops once every group has one)."""
+    seen: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def make_hook(group: tuple[str, ...]):
+        def hook(module, args):
+            seen.setdefault(group, args[0])
+            if len(seen) == len(groups):
+                raise _Stop
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(g)) for g in groups for n in g]
+    try:
+        block(hidden, *call[0], **call[1])
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
 
 @torch.no_grad()
 def collect_grams(
-    block: torch.nn.Module, groups: list[tuple[str, ...]], inputs: BlockInputs
+    block: torch.nn.Module, groups: list[tuple[str, ...]], inputs: BlockInputs,
+    reference: tuple[torch.nn.Module, list[torch.Tensor], set[tuple[str, ...]]] | None = None,
 ) -> dict[tuple[str, ...], GramAccumulator]:
     """The Gram accumulator of each group's shared input, from one pass over the calibration batches.
 
     The pass stops as soon as every group has seen its input, so collecting only the attention projections'
     Σ costs a norm, not a block. A group that never ran (an expert no token was routed to) is absent.
+    `reference` = (the original block, its input hidden states per batch, the groups to pair): for those groups the
+    original block runs first on the same batch, and the accumulators also collect the propagated target's statistics
+    on exactly aligned tokens.
     """
     accs: dict[tuple[str, ...], GramAccumulator] = {}
     pending: set[tuple[str, ...]] = set()
     handles = []
+    refs: dict[tuple[str, ...], torch.Tensor] = {}
+    paired = reference[2] if reference else set()
 
     def make_hook(group: tuple[str, ...]):
         def hook(module, args):
@@ -135,8 +181,8 @@ def collect_grams(
                 return
             x = args[0]
             if group not in accs:
-                accs[group] = GramAccumulator(x.shape[-1], x.device)
-            accs[group].add(x)
+                accs[group] = GramAccumulator(x.shape[-1], x.device, paired=group in paired)
+            accs[group].add(x, refs.get(group))
             pending.discard(group)
             if not pending:
                 raise _Stop
@@ -147,7 +193,9 @@ def collect_grams(
         for name in group:
             handles.append(block.get_submodule(name).register_forward_pre_hook(make_hook(group)))
     try:
-        for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls):
+        for b, (hidden, (args, kwargs)) in enumerate(zip(inputs.hidden, inputs.calls)):
+            if paired:
+                refs = _first_inputs(reference[0], [g for g in groups if g in paired], reference[1][b], (args, kwargs))
             pending = set(groups)
             try:
                 block(hidden, *args, **kwargs)

@@ -1,8 +1,17 @@
 """What every solver takes and returns, and the registry that names solvers in configs and checkpoints.
 
-A solver is a pure function  solve(W [q, p], Σ [p, p] | None, GridSpec, options) -> SolveResult.
+A solver is a pure function  solve(W [q, p], Σ [p, p] | None, GridSpec, options, target=None) -> SolveResult.
 It never sees files, models or devices other than those of its inputs. Σ = (1/N) Σ_n x_n x_nᵀ is the mean Gram
-matrix of the layer's inputs, so  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  is the mean squared output error per token.
+matrix of the layer's inputs X (the quantized model's), so  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  is the mean squared
+output error per token: the layer objective ||W X - Ŵ X||² / N.
+
+With a propagated `Target` (GPTAQ, QEP) the objective is instead the error against the original model's output,
+    f(Ŵ) = ||W X_α - Ŵ X||² / N,   X_α = X + α (X_fp - X),
+where X_fp are the same tokens' inputs in the original model: error introduced by earlier layers is corrected
+rather than copied. Writing E = Ŵ - W, Δ = (X_fp - X) Xᵀ / N and Σ_d = (X_fp - X)(X_fp - X)ᵀ / N:
+    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ),        ∇f / 2 = E Σ - α W Δ,
+so only the residual changes (coordinate descent needs no inverse), and f = tr((Ŵ - W̃) Σ (Ŵ - W̃)ᵀ) + const with
+W̃ = W + α W Δ Σ⁻¹ (what GPTQ, which inverts Σ anyway, quantizes). α = 0, or X_fp = X, is the layer objective.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import torch
 from .grid import Grid, GridSpec
 
 __all__ = [
+    "Target",
     "Outliers",
     "QuantizedWeight",
     "SolveResult",
@@ -22,10 +32,33 @@ __all__ = [
     "get_solver",
     "solver_names",
     "layer_loss",
+    "output_energy",
 ]
 
 
 OUTLIER_STRUCTURES = ("unstructured", "column")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The propagated target's statistics (see the module docstring): Δ and Σ_d [p, p] in fp32, and α."""
+
+    delta: torch.Tensor  # Δ = (X_fp - X) Xᵀ / N
+    sigma_d: torch.Tensor  # Σ_d = (X_fp - X)(X_fp - X)ᵀ / N
+    alpha: float = 1.0
+
+    def shift(self, W: torch.Tensor) -> torch.Tensor:
+        """α W Δ [q, p]: what the target adds to W Σ in the residual  ∇f / 2 = Ŵ Σ - (W Σ + α W Δ)."""
+        return self.alpha * (W.float() @ self.delta)
+
+    def constant(self, W: torch.Tensor) -> float:
+        """α² tr(W Σ_d Wᵀ), in fp64: the error left when Ŵ = W."""
+        Wd = W.double()
+        return self.alpha**2 * float(((Wd @ self.sigma_d.double()) * Wd).sum())
+
+    def restrict(self, index: torch.Tensor) -> "Target":
+        """The statistics of the inputs `index` only (a layer split by input columns)."""
+        return Target(self.delta[index][:, index], self.sigma_d[index][:, index], self.alpha)
 
 
 @dataclass
@@ -89,7 +122,8 @@ class SolveResult:
 
 
 class SolveFn(Protocol):
-    def __call__(self, W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any) -> SolveResult: ...
+    def __call__(self, W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any,
+                 target: Target | None = None) -> SolveResult: ...
 
 
 @dataclass(frozen=True)
@@ -138,7 +172,21 @@ def solver_names() -> list[str]:
     return sorted(_SOLVERS)
 
 
-def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor) -> float:
-    """f(Ŵ) = tr(D Σ Dᵀ), D = Ŵ - W, accumulated in fp64 for a faithful report."""
-    D = (W_hat - W).double()
-    return float(((D @ sigma.double()) * D).sum())
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
+    """f(Ŵ) = tr(E Σ Eᵀ), E = Ŵ - W, accumulated in fp64 for a faithful report; with a propagated target,
+    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ) = ||W X_α - Ŵ X||² / N."""
+    E = (W_hat - W).double()
+    f = float(((E @ sigma.double()) * E).sum())
+    if target is None:
+        return f
+    return f - 2 * float((E * target.shift(W).double()).sum()) + target.constant(W)
+
+
+def output_energy(W: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
+    """||W X_α||² / N = tr(W Σ Wᵀ) + 2α tr(W Δ Wᵀ) + α² tr(W Σ_d Wᵀ), in fp64: what a relative error is relative to
+    (tr(W Σ Wᵀ) for the layer objective)."""
+    Wd = W.double()
+    energy = float(((Wd @ sigma.double()) * Wd).sum())
+    if target is None:
+        return energy
+    return energy + 2 * float((target.shift(W).double() * Wd).sum()) + target.constant(W)

@@ -7,6 +7,9 @@ error moved onto the columns not yet quantized, which is the optimal correction 
     Q_j = q_j(W_j),    Err_j = (W_j - Q_j) / U_jj,    W_k ← W_k - Err_j U_jk   (k > j).
 Updates are lazy: inside a block of B columns each column collects the feedback of the block's earlier columns
 (one matvec), and after the block the later columns get W[:, i2:] -= Err U[i1:i2, i2:] as one matmul.
+With a propagated target (base.py; GPTAQ, QEP) f(Ŵ) = tr((Ŵ - W̃) H (Ŵ - W̃)ᵀ) + const, so the same algorithm runs
+on W̃ = W + α W Δ H⁻¹ (H⁻¹ = UᵀU from the factor GPTQ computes anyway), with the grids still fitted to W.
+The defaults are act-order with static groups, as production GPTQ (llm-compressor's actorder="static") runs.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError, UsageError
-from .base import QuantizedWeight, SolveResult, layer_loss, register_solver
+from .base import QuantizedWeight, SolveResult, Target, layer_loss, register_solver
 from .grid import Grid, GridSpec, fit_grid
 
 __all__ = ["GPTQOptions", "check_layer", "solve"]
@@ -27,8 +30,8 @@ _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 class GPTQOptions:
     damp: float = 0.01  # λ = damp · mean(diag Σ) added to Σ's diagonal
     block_size: int = 128  # columns per lazy-update block
-    act_order: bool = False  # quantize columns in order of descending diag Σ
-    static_groups: bool = False  # fit every group's grid on the original W up front
+    act_order: bool = True  # quantize columns in order of descending diag Σ
+    static_groups: bool = True  # fit every group's grid on the original W up front (groups stay contiguous)
     max_damp_retries: int = 5  # Cholesky failures retried with 10x the damping each time
 
     def __post_init__(self) -> None:
@@ -50,10 +53,10 @@ def check_layer(W: torch.Tensor, sigma: torch.Tensor | None) -> None:
         raise NumericalError("NaN or Inf in the weight or its calibration statistics Σ")
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, str | None]:
+def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, str | None]:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x damping on failure.
 
-    If every try fails, U = I: each column is then rounded with no error feedback (RTN on the same grids)."""
+    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids)."""
     p = H.shape[0]
     eye = torch.eye(p, device=H.device)  # [p, p]
     mean_diag = float(torch.diagonal(H).mean())
@@ -67,7 +70,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch
                 note = None if len(tried) == 1 else f"gptq: Cholesky failed with damp={tried[0]:g}, used damp={damp:g}"
                 return U, note
         damp = max(10 * damp, _FIRST_RETRY_DAMP)
-    return eye, f"gptq: Cholesky failed for every damp in {tried}; fell back to RTN"
+    return None, f"gptq: Cholesky failed for every damp in {tried}; fell back to RTN"
 
 
 def _block_width(block_size: int, group_size: int | None) -> int:
@@ -111,10 +114,11 @@ def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, 
 
 @register_solver("gptq", GPTQOptions)
 @torch.no_grad()
-def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
-          options: GPTQOptions = GPTQOptions()) -> SolveResult:
+def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: GPTQOptions = GPTQOptions(),
+          target: Target | None = None) -> SolveResult:
     """GPTQ codes in original column order; g_idx maps each column to its group (non-contiguous with act_order
-    and dynamic groups). loss is f with the undamped Σ; notes record damping retries and the RTN fallback."""
+    and dynamic groups). loss is f with the undamped Σ (and the target); notes record damping retries and the RTN
+    fallback, which rounds W itself."""
     check_layer(W, sigma)
     W_orig = W.float()
     q, p = W_orig.shape
@@ -138,12 +142,17 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
         gpos = grid.g_idx[perm].tolist()
 
     U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
+    Wp = W[:, perm]  # [q, p] processing order
+    if U is None:
+        U = torch.eye(p, device=W.device)
+    elif target is not None:  # W̃ = W + α W Δ H⁻¹, H⁻¹ = UᵀU
+        Wp = Wp + (target.shift(W_orig)[:, perm] @ U.t()) @ U
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
-    codes = _quantize_columns(W[:, perm].t().contiguous(), U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
+    codes = _quantize_columns(Wp.t().contiguous(), U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
 
     g_idx = torch.empty(p, dtype=torch.long, device=W.device)
     g_idx[perm] = torch.tensor(gpos, device=W.device)
     grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq)
     qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
-    loss = layer_loss(W_orig, qw.dequantize(), sigma)  # undamped Σ
+    loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ
     return SolveResult(qw, loss, [loss], [note] if note else [])

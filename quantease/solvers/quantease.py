@@ -10,6 +10,17 @@ and a sweep over all columns never increases f. Blocked like GPTQ: G is recomput
 columns (one matvec), and after the block the later columns get G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul.
 A relaxed sweep replaces q_j by clamping to the grid's range (the original code, linkedin/QuantEase, makes every
 third of its sweeps unrounded and unclamped). Damping (ridge λI) changes only the solve; f is always undamped.
+
+Propagated target (base.py): f(Ŵ) = ||W X_α - Ŵ X||² / N changes only the residual, G = (Ŵ - W) Σ - α W Δ; the
+sweep is the same, and its GPTQ initialization quantizes toward the same target.
+
+Grid refit (`refit` rounds, beyond the paper): with the codes c fixed, f is a convex quadratic in each group's scale
+s and zero z (Ŵ_g = s (c_g - z)). Group by group, with the residual G kept exact,
+    s ← s + t,   t = -⟨u, G_g⟩ / (u Σ_gg uᵀ),   u = c_g - z          (then rounded to fp16, as stored)
+    z ← clamp(round(z + τ), 0, 2^b - 1),   τ = Σ_j G'_gj / (s 1ᵀ Σ_gg 1)   (G' after the scale step; asymmetric only)
+per row at once: z stays an integer (the formats store integer zero points), and for a convex quadratic in one
+variable the nearest integer to the minimizer is the best integer. Each refit is followed by CD sweeps on the new
+grid; the iterate of least f over all rounds is returned.
 """
 from __future__ import annotations
 
@@ -18,11 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from .base import QuantizedWeight, SolveResult, get_solver, layer_loss, register_solver
+from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver
 from .gptq import GPTQOptions, check_layer
-from .grid import Grid, GridSpec, fit_grid
+from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep"]
+__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep", "refit_grid"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -38,6 +49,7 @@ class QuantEaseOptions:
     order: str = "natural"  # "natural" | "diag" (descending diag Σ)
     relax_sweeps: int = 0  # unrounded sweeps (clamped to the grid's range) before the rounded ones
     tol: float = 1e-3  # stop when a sweep improves f by less than tol · f
+    refit: int = 0  # rounds of (closed-form grid refit for the fixed codes, then CD sweeps) after the first CD
     damp: float = 0.0  # ridge λ = damp · mean(diag Σ) used by the solve only; the loss uses the undamped Σ
     block_size: int = 128  # columns per lazy-update block
     gptq_damp: float = 0.01  # options of the GPTQ initialization
@@ -59,7 +71,7 @@ class QuantEaseOptions:
             raise UsageError(f"quantease init must be 'gptq' or 'w', got {self.init!r}")
         if self.order not in ("natural", "diag"):
             raise UsageError(f"quantease order must be 'natural' or 'diag', got {self.order!r}")
-        for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers"):
+        for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers", "refit"):
             if getattr(self, name) < 0:
                 raise UsageError(f"quantease {name} must be >= 0, got {getattr(self, name)}")
         if self.block_size < 1:
@@ -78,11 +90,16 @@ def sweep_flops(q: int, p: int, block_size: int) -> float:
     return flops
 
 
-def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """Gᵀ = (Σ + λI)(Q - W)ᵀ and the undamped f(Q) = Σ D ⊙ DΣ."""
+def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float, Bt: torch.Tensor | None = None,
+              const: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Gᵀ = (Σ + λI)(Q - W)ᵀ - Bᵀ and the undamped f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W, B = α W Δ
+    (Bt None: the layer objective, Gᵀ = (Σ + λI) Dᵀ and f = ⟨D, DΣ⟩)."""
     Dt = Qt - Wt  # [p, q]
     Gt = Sigma @ Dt  # [p, q]
     f = float((Dt * Gt).sum())
+    if Bt is not None:
+        f += const - 2 * float((Dt * Bt).sum())
+        Gt.sub_(Bt)
     return Gt.add_(Dt, alpha=lam), f
 
 
@@ -117,76 +134,166 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
 
 
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
-             damp: float = 0.0) -> torch.Tensor:
+             damp: float = 0.0, shift: torch.Tensor | None = None) -> torch.Tensor:
     """One rounded CD sweep (natural order) of Q [q, p], on `grid`, toward the target T [q, p]: the QuantEase update
-    for f(Q) = tr((Q - T) Σ (Q - T)ᵀ). Returns the new Q [q, p]; dead inputs keep their entries."""
+    for f(Q) = tr((Q - T) Σ (Q - T)ᵀ) - 2⟨Q, shift⟩ (shift = α W Δ of a propagated target, or None). Returns the new
+    Q [q, p]; dead inputs keep their entries."""
     Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
     st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
     d = torch.diagonal(sigma)
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
-    Gt, _ = _residual(Qt, Tt, sigma, lam)
+    Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
     _sweep(Qt, Gt, sigma, dinv, st, zt, grid.maxq, block_size, relaxed=False)
     return Qt.t()
 
 
-def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions
-                ) -> tuple[torch.Tensor, Grid, list[str]]:
+def refit_grid(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool,
+               shift: torch.Tensor | None = None) -> Grid:
+    """The grid of least f for the codes of W_hat [q, p] (on `grid`), one group at a time (module docstring).
+
+    G = (Ŵ - W) Σ - shift [q, p] is kept exact after each group, so each step minimizes f given the others. A row's
+    new (s, z) is taken only where its change Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ is negative: the fp16 rounding of s can make
+    the step a loss once s is already (nearly) optimal, and then the row keeps its grid, so f never increases."""
+    codes = grid.quantize(W_hat)  # [q, p]
+    scale, zero = grid.scale.clone(), grid.zero.clone()  # [q, G]
+    G = (W_hat - W) @ sigma  # [q, p]
+    if shift is not None:
+        G -= shift
+    fp16_max = torch.finfo(SCALE_DTYPE).max
+    for g in range(scale.shape[1]):
+        cols = torch.nonzero(grid.g_idx == g).flatten()  # [k]
+        S, Gg = sigma[cols][:, cols], G[:, cols]  # [k, k], [q, k]
+        s_old, z_old = scale[:, g], zero[:, g]  # [q]
+        u = codes[:, cols] - z_old[:, None]  # [q, k]
+        uS = u @ S  # [q, k]
+        den = (uS * u).sum(1)  # [q]
+        s_new = s_old - (u * Gg).sum(1) / den.clamp(min=1e-30)  # [q] exact minimizer in s
+        s_new = torch.where((den > 0) & (s_new > 0), s_new, s_old)  # a sign flip is never the least f here
+        s_new = s_new.clamp(_MIN_SCALE, fp16_max).to(SCALE_DTYPE).float()
+        z_new = z_old
+        a = float(S.sum())  # 1ᵀ Σ_gg 1, the same for every row
+        if not sym and a > 0:
+            Gs = Gg + (s_new - s_old)[:, None] * uS  # [q, k] residual after the scale step
+            z_new = (z_old + Gs.sum(1) / (s_new * a)).round().clamp(0, grid.maxq)
+        delta = s_new[:, None] * (codes[:, cols] - z_new[:, None]) - s_old[:, None] * u  # [q, k] change of Ŵ_g
+        gain = 2 * (delta * Gg).sum(1) + ((delta @ S) * delta).sum(1)  # [q] Δf of each row
+        take = gain < 0
+        delta[~take] = 0
+        G += delta @ sigma[cols]
+        scale[:, g], zero[:, g] = torch.where(take, s_new, s_old), torch.where(take, z_new, z_old)
+    return Grid(scale, zero, grid.g_idx, grid.maxq)
+
+
+def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+                target: Target | None) -> tuple[torch.Tensor, Grid, list[str]]:
     """Starting Ŵ, the grid CD keeps fixed, and notes from the initialization."""
     if options.init == "w":
         return W.clone(), fit_grid(W, spec, torch.diagonal(sigma)), []
     gptq = GPTQOptions(options.gptq_damp, act_order=options.gptq_act_order, static_groups=options.gptq_static_groups)
-    res = get_solver("gptq").solve(W, sigma, spec, gptq)
+    res = get_solver("gptq").solve(W, sigma, spec, gptq, target)
     return res.weight.dequantize(), res.weight.grid, list(res.notes)
+
+
+class _Problem:
+    """One layer's CD problem in the solver's working layout: columns permuted by `perm` (order="diag") and
+    transposed, [p, q], so row j of every tensor is column j of the layer; the grid travels with its columns."""
+
+    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None):
+        d = torch.diagonal(Sigma)  # [p]
+        p = W.shape[1]
+        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(p, device=W.device)
+        self.inv = torch.argsort(self.perm)
+        self.Wt = W[:, self.perm].t().contiguous()  # [p, q]
+        self.Sigma, d = Sigma[self.perm][:, self.perm], d[self.perm]
+        self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
+        self.lam = options.damp * float(d.mean())
+        self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
+        self.Bt = None if target is None else target.shift(W)[:, self.perm].t().contiguous()  # [p, q]
+        self.const = 0.0 if target is None else target.constant(W)
+        self.options = options
+
+    def layout(self, X: torch.Tensor) -> torch.Tensor:
+        """[q, p] original order -> [p, q] working layout."""
+        return X[:, self.perm].t().contiguous()
+
+    def original(self, Xt: torch.Tensor) -> torch.Tensor:
+        return Xt.t()[:, self.inv]
+
+    def use_grid(self, grid: Grid) -> None:
+        self.grid = grid
+        self.st, self.zt = (x.t().contiguous() for x in grid.columns(self.perm))  # [p, q]
+
+    def on_grid(self, Xt: torch.Tensor) -> torch.Tensor:
+        return self.st * (torch.clamp(torch.round(Xt / self.st) + self.zt, 0, self.grid.maxq) - self.zt)
+
+    def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.const)
+
+    def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
+        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.grid.maxq, self.options.block_size, relaxed)
+
+    def descend(self, Qt: torch.Tensor, f: float, best: tuple[float, torch.Tensor, Grid], history: list[float],
+                first_from_w: bool = False) -> tuple[float, torch.Tensor, Grid]:
+        """Rounded sweeps from the quantized Qt (whose f is given; from W when first_from_w) until one gains less than
+        tol · f; each f goes to history, and the least-f (iterate, grid) seen is returned."""
+        Gt, _ = self.residual(Qt)
+        prev = None if first_from_w else f
+        for _ in range(self.options.sweeps):
+            self.sweep(Qt, Gt)
+            Gt, f = self.residual(Qt)
+            history.append(f)
+            if f < best[0]:
+                best = (f, Qt.clone(), self.grid)
+            if prev is not None and prev - f <= self.options.tol * prev:
+                break
+            prev = f
+        return best
 
 
 @register_solver("quantease", QuantEaseOptions)
 @torch.no_grad()
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
-          options: QuantEaseOptions = QuantEaseOptions()) -> SolveResult:
-    """Ŵ with the least f among the initial quantized Ŵ and every rounded sweep's iterate.
+          options: QuantEaseOptions = QuantEaseOptions(), target: Target | None = None) -> SolveResult:
+    """Ŵ with the least f among the initial quantized Ŵ and every rounded sweep's (and refit's) iterate.
 
     history: f of the initial quantized Ŵ (RTN on the grid for init="w", whose sweeps start from W itself), then
-    f after each rounded sweep (fp32, undamped Σ). Relaxed iterates are off the grid and are not recorded."""
+    f after each rounded sweep, and after each refit followed by its sweeps (fp32, undamped Σ). Relaxed iterates
+    are off the grid and are not recorded."""
     if options.outliers > 0:
         from .outliers import solve_with_outliers
 
-        return solve_with_outliers(W, sigma, spec, options)
+        return solve_with_outliers(W, sigma, spec, options, target)
     check_layer(W, sigma)
     W, Sigma = W.float(), sigma.float()
-    Q, grid, notes = _initialize(W, Sigma, spec, options)
-    d = torch.diagonal(Sigma)  # [p]
-    perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(W.shape[1], device=W.device)
-    inv = torch.argsort(perm)
-    Wt, Qt, Sigma, d = W[:, perm].t().contiguous(), Q[:, perm].t().contiguous(), Sigma[perm][:, perm], d[perm]
-    st, zt = (x.t().contiguous() for x in grid.columns(perm))  # [p, q] each column's grid travels with it
-    live = d > _DEAD * d.mean().clamp(min=0)
-    lam = options.damp * float(d.mean())
-    dinv = torch.where(live, 1 / (d + lam), torch.zeros_like(d))  # [p]
-
-    def on_grid(Xt: torch.Tensor) -> torch.Tensor:
-        return st * (torch.clamp(torch.round(Xt / st) + zt, 0, grid.maxq) - zt)
-
-    Qt[~live] = on_grid(Qt)[~live]  # dead inputs: nearest grid point, never updated
-    best = on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
-    Gt, f = _residual(Qt, Wt, Sigma, lam)
-    history = [f if options.init == "gptq" else _residual(best, Wt, Sigma, 0.0)[1]]
-    # f of the quantized iterate the next sweep starts from (None: it starts from W or a relaxed iterate)
-    prev: float | None = history[0] if options.init == "gptq" and not options.relax_sweeps else None
-    for _ in range(options.relax_sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, grid.maxq, options.block_size, relaxed=True)
-        Gt, _ = _residual(Qt, Wt, Sigma, lam)
-    for _ in range(options.sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, grid.maxq, options.block_size, relaxed=False)
-        Gt, f = _residual(Qt, Wt, Sigma, lam)
-        if f < min(history):
-            best = Qt.clone()
+    Q, grid, notes = _initialize(W, Sigma, spec, options, target)
+    prob = _Problem(W, Sigma, options, target)
+    prob.use_grid(grid)
+    Qt = prob.layout(Q)
+    Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
+    start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
+    f0 = prob.residual(start)[1]
+    history = [f0]
+    best = (f0, start, grid)
+    from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
+    if options.relax_sweeps:
+        Gt, _ = prob.residual(Qt)
+        for _ in range(options.relax_sweeps):
+            prob.sweep(Qt, Gt, relaxed=True)
+            Gt, _ = prob.residual(Qt)
+    best = prob.descend(Qt, f0, best, history, first_from_w=from_w)
+    for _ in range(options.refit):
+        W_hat = prob.original(best[1])
+        prob.use_grid(refit_grid(W, W_hat, Sigma, best[2], spec.sym, None if target is None else target.shift(W)))
+        Qt = prob.layout(prob.grid.dequantize(prob.grid.quantize(W_hat)))
+        f = prob.residual(Qt)[1]
         history.append(f)
-        if prev is not None and prev - f <= options.tol * prev:
-            break
-        prev = f
+        if f < best[0]:
+            best = (f, Qt.clone(), prob.grid)
+        best = prob.descend(Qt, f, best, history)
 
-    W_hat = best.t()[:, inv]  # [q, p] original column order
+    _, best_t, grid = best
+    W_hat = prob.original(best_t)  # [q, p] original column order
     qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
     assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
-    return SolveResult(qw, layer_loss(W, W_hat, sigma), history, notes)
+    return SolveResult(qw, layer_loss(W, W_hat, sigma, target), history, notes)
