@@ -15,6 +15,8 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 from . import __version__
 
+BOS_CHOICES = ["auto", "every", "first", "never"]  # data/windows.py BOS_MODES (not imported: it would load torch)
+
 EXAMPLES_QUANTIZE = """
 \b
 Examples:
@@ -84,6 +86,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--heavy-bits", default=8, show_default=True, type=int,
               help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16.")
 @click.option("--calib", default="ptb", show_default=True, help="Calibration text: ptb, wiki, c4=PATH, or a file.")
+@click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
+              help="BOS in each calibration window (and --ppl window): auto (every when the tokenizer adds a BOS "
+              "itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole text, the "
+              "GPTQ protocol), never.")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows.")
 @click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for choosing calibration windows.")
@@ -114,10 +120,12 @@ def main(ctx: click.Context, debug: bool) -> None:
               "these datasets (e.g. ptb,wiki).")
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
+@click.option("--ppl-bos", type=click.Choice(BOS_CHOICES), default=None,
+              help="BOS mode of the --ppl windows, if not that of --bos.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, restart, fmt, export_out, compare,
-             ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+             ppl, ppl_seqlen, ppl_limit, ppl_bos, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
     An interrupted run continues from its last finished block when the same command is run again.
@@ -138,6 +146,8 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         raise UsageError("--compare writes its checkpoints beside --out: give --out")
     baselines = [api.QuantConfig.from_dict({**values, "method": m, "method_options": {}, "out": f"{config.out}-{m}"})
                  for m in _csv(compare)]
+    if ppl:  # the --ppl BOS mode must fit the tokenizer: found out now, not after quantizing
+        api.check_bos(config.model, ppl_bos or config.bos)
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
         from .models.reader import read_config, resolve_model_path
@@ -158,7 +168,7 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         click.echo(f"exported {exported} ({fmt})")
     if ppl:
         _print_ppl([config.model, *map(str, others), str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device,
-                   quiet)
+                   quiet, bos=ppl_bos or config.bos)
 
 
 def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:
@@ -212,6 +222,10 @@ def _eval_options(f):
                      "Default ptb,wiki when no --tasks are given; '' for none."),
         click.option("--seqlen", default=2048, show_default=True, type=int, help="Perplexity window length."),
         click.option("--limit", default=None, type=int, help="At most this many perplexity windows per dataset."),
+        click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
+                     help="BOS in each perplexity window and lm-eval request: auto (every when the tokenizer adds a "
+                     "BOS itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole "
+                     "text, the GPTQ protocol; for lm-eval the same as every), never."),
         click.option("--tasks", default=None, help="lm-eval tasks: piqa, arc_easy, arc_challenge, hellaswag, "
                      "winogrande, lambada_openai, boolq (offline copies), tasks from --tasks-dir, or any lm-eval task "
                      "whose data are in the local Hugging Face cache."),
@@ -240,15 +254,17 @@ def _eval_plan(opts: dict):
     if not datasets and not tasks:
         raise UsageError("nothing to evaluate: give --ppl datasets and/or --tasks")
     settings = api.ZeroShotSettings(tuple(tasks), opts["task_limit"], opts["num_fewshot"], opts["batch_size"],
-                                    opts["tasks_dir"]) if tasks else None
+                                    opts["tasks_dir"], opts["bos"]) if tasks else None
     return datasets, settings
 
 
 def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, dict]:
     from . import api
 
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, opts["bos"])
     return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["packed"],
-                            progress=not opts["quiet"]) for m in models}
+                            progress=not opts["quiet"], bos=opts["bos"]) for m in models}
 
 
 @main.command("eval", epilog=EXAMPLES_EVAL)
@@ -263,7 +279,7 @@ def eval_cmd(models, json_out, **opts) -> None:
     datasets, settings = _eval_plan(opts)
     if settings is None:  # perplexity only: its own table, and --json as {model: [results]}
         _print_ppl(list(models), datasets, opts["seqlen"], opts["limit"], opts["device"], opts["quiet"], opts["packed"],
-                   json_out)
+                   json_out, opts["bos"])
         return
     results = _evaluate(models, datasets, settings, opts)
     click.echo(comparison_table(compare(results), deltas=False))
@@ -303,11 +319,14 @@ def compare_cmd(models, prefix, **opts) -> None:
     click.echo(f"wrote {prefix}.json and {prefix}.png")
 
 
-def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, json_out=None) -> None:
+def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, json_out=None, bos="auto") -> None:
     from . import api
     from .report import perplexity_table
 
-    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet) for m in models}
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, bos)
+    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet, bos=bos)
+            for m in models}
     click.echo(perplexity_table(rows))
     if json_out:
         Path(json_out).write_text(json.dumps({m: [r.to_dict() for r in rs] for m, rs in rows.items()}, indent=2))

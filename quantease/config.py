@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from .data.windows import BOS_MODES
 from .errors import UsageError
 from .solvers import GridSpec, get_solver
 
@@ -26,6 +27,7 @@ class QuantConfig:
     ffsplit: float = 0.0  # FFSplit heavy neurons per FFN: a fraction (< 1) or a count; 0 = off
     heavy_bits: int = 8  # bits of the heavy neurons' weights (2..8), or 16 = kept in fp16
     calib: str = "ptb"  # data source name, name=PATH, or a text file
+    bos: str = "auto"  # BOS in the calibration windows: auto, every, first or never (data/windows.py)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -53,6 +55,8 @@ class QuantConfig:
         for name in ("nsamples", "seqlen", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bos not in BOS_MODES:
+            raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         if self.target not in ("layer", "propagated"):
             raise UsageError(f"target must be 'layer' or 'propagated', got {self.target!r}")
         if not 0 <= self.alpha <= 1:

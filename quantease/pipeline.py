@@ -252,21 +252,25 @@ def _check_disk(out: Path, lazy: LazyModel, config: QuantConfig) -> None:
                             f"{free / 2**30:.2f} GiB free")
 
 
-def _open_output(out: Path, fp: Fingerprint, overwrite: bool, restart: bool) -> ResumeState | None:
+def _open_output(out: Path, fp: Fingerprint, settings: dict[str, Any], overwrite: bool, restart: bool
+                 ) -> ResumeState | None:
     """The resume state to continue from, a fresh one, or None when the same run already completed."""
     state = ResumeState(out)
     if (out / MANIFEST).exists() and not overwrite:
-        done = Fingerprint(**json.loads((out / INFO).read_text())["fingerprint"])
+        info = json.loads((out / INFO).read_text())
+        done = Fingerprint(**info["fingerprint"])
         if done == fp:
             log.info("%s is already complete with the same model, calibration and settings; nothing to do", out)
             return None
+        old = _settings(QuantConfig.from_dict(info["config"]))
         raise CheckpointError(f"{out} holds a complete checkpoint made from different "
-                              f"{' and '.join(fp.differences(done))}; pass --overwrite to replace it")
+                              f"{' and '.join(fp.differences(done))}; pass --overwrite to replace it"
+                              + _changed_settings(old, settings))
     if state.exists() and not (overwrite or restart):
         diffs = fp.differences(state.fingerprint())
         if diffs:
             raise CheckpointError(f"{out} holds a partial run made from different {' and '.join(diffs)}; "
-                                  f"pass --restart to start over")
+                                  f"pass --restart to start over" + _changed_settings(state.settings(), settings))
         if state.load() is not None:
             log.info("resuming the partial run in %s", out)
         return state
@@ -276,13 +280,31 @@ def _open_output(out: Path, fp: Fingerprint, overwrite: bool, restart: bool) -> 
         (out / MANIFEST).unlink(missing_ok=True)  # first, so the folder never looks complete while replaced
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    state.start(fp)
+    state.start(fp, settings)
     return state
 
 
 def _settings(config: QuantConfig) -> dict[str, Any]:
-    """What determines the result: everything but where it goes and which device computes it."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("out", "device", "allow_pickle")}
+    """What determines the result: everything but where it goes and which device computes it.
+
+    bos is left out at its default (auto) so that runs made before --bos existed keep their fingerprint: for a
+    tokenizer that adds no BOS auto is what those runs did, and for one that adds it auto changes the calibration
+    tokens, which the calibration hash covers."""
+    values = {k: v for k, v in config.to_dict().items() if k not in ("out", "device", "allow_pickle")}
+    if values["bos"] == "auto":
+        del values["bos"]
+    return values
+
+
+def _changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """' (changed settings: bos auto -> first, ...)', naming what differs; '' when the old settings are unknown (a
+    partial run from before they were saved) or only the model or calibration text differ."""
+    if old is None:
+        return ""
+    defaults = asdict(QuantConfig())
+    changed = [f"{k} {old.get(k, defaults.get(k))} -> {new.get(k, defaults.get(k))}" for k in sorted({*old, *new})
+               if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+    return f" (changed settings: {', '.join(changed)})" if changed else ""
 
 
 class _Run:
@@ -337,14 +359,14 @@ class _Run:
         fault_point(f"block:{i}")
         return outputs, reference
 
-    def finish(self, model_path: Path, calib_sha: str, fp: Fingerprint, started: float) -> None:
+    def finish(self, model_path: Path, calibration: dict[str, Any], fp: Fingerprint, started: float) -> None:
         self.log["total_s"] = round(time.perf_counter() - started, 3)
         self.writer.copy_files(model_path, TOKENIZER_FILES)
         self.writer.write_json(RUN_LOG, self.log)
         model_config = json.loads((model_path / "config.json").read_text())
         c = self.config
         model_config["quantization_config"] = {"quant_method": "quantease", "bits": c.bits, "group_size": c.group_size}
-        self.writer.finalize(model_config, _info(c, self.lazy, model_path, calib_sha, fp, self.layers))
+        self.writer.finalize(model_config, _info(c, self.lazy, model_path, calibration, fp, self.layers))
         self.resume.clear()
 
 
@@ -365,12 +387,14 @@ def quantize(
     _check_shapes(lazy, config.grid())
     _check_ffsplit(lazy, config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
-                                  config.seqlen, config.seed)
-    calib_sha = fingerprint(windows)
-    fp = Fingerprint.of(path, calib_sha, _settings(config))
+    stream = tokenize(tokenizer, load_text(config.calib, "calib"), config.bos)
+    windows = calibration_windows(stream, config.nsamples, config.seqlen, config.seed)
+    calibration = {"source": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed,
+                   "tokens_sha256": fingerprint(windows), "bos": stream.bos, "tokenizer_adds_bos": stream.adds_bos}
+    settings = _settings(config)
+    fp = Fingerprint.of(path, calibration["tokens_sha256"], settings)
     out = Path(config.out)
-    resume = _open_output(out, fp, overwrite, restart)
+    resume = _open_output(out, fp, settings, overwrite, restart)
     if resume is None:
         return out
     _check_disk(out, lazy, config)
@@ -381,11 +405,11 @@ def quantize(
     for i in bar:
         hidden, reference = run.block(i, hidden, reference, observe)
         bar.set_postfix(sec=f"{run.log['blocks_s'][-1]:.1f}")
-    run.finish(path, calib_sha, fp, started)
+    run.finish(path, calibration, fp, started)
     return out
 
 
-def _info(config: QuantConfig, lazy: LazyModel, path: Path, calib_sha: str, fp: Fingerprint,
+def _info(config: QuantConfig, lazy: LazyModel, path: Path, calibration: dict[str, Any], fp: Fingerprint,
           layers: dict[str, Any]) -> dict[str, Any]:
     stored = sum(l["bits_per_weight"] * l["in_features"] * l["out_features"] for l in layers.values())
     weights = sum(l["in_features"] * l["out_features"] for l in layers.values())
@@ -395,8 +419,7 @@ def _info(config: QuantConfig, lazy: LazyModel, path: Path, calib_sha: str, fp: 
         "tool_version": __version__,
         "config": config.to_dict(),
         "model": {"source": str(path), "model_type": lazy.config.model_type, "blocks": len(lazy.blocks)},
-        "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen,
-                        "seed": config.seed, "tokens_sha256": calib_sha},
+        "calibration": calibration,
         "fingerprint": asdict(fp),
         "summary": {
             "quantized_layers": len(layers),

