@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from . import cd_kernel
 from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
 from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
@@ -50,6 +51,7 @@ class QuantEaseOptions:
     relax_sweeps: int = 0  # unrounded sweeps (clamped to the grid's range) before the rounded ones
     tol: float = 1e-3  # stop when a sweep improves f by less than tol · f
     refit: int = 0  # rounds of (closed-form grid refit for the fixed codes, then CD sweeps) after the first CD
+    kernel: str = "auto"  # column loop: "auto" (compiled on CPU, solvers/cd_kernel.py) | "plain" (torch ops)
     damp: float = 0.0  # ridge λ = damp · mean(diag Σ) used by the solve only; the loss uses the undamped Σ
     block_size: int = 128  # columns per lazy-update block
     gptq_damp: float = 0.01  # options of the GPTQ initialization
@@ -69,6 +71,8 @@ class QuantEaseOptions:
             raise UsageError(f"quantease outlier_iters must be >= 1, got {self.outlier_iters}")
         if self.init not in ("gptq", "w"):
             raise UsageError(f"quantease init must be 'gptq' or 'w', got {self.init!r}")
+        if self.kernel not in ("auto", "plain"):
+            raise UsageError(f"quantease kernel must be 'auto' or 'plain', got {self.kernel!r}")
         if self.order not in ("natural", "diag"):
             raise UsageError(f"quantease order must be 'natural' or 'diag', got {self.order!r}")
         for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers", "refit"):
@@ -106,13 +110,16 @@ def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: floa
 
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
-           zt: torch.Tensor, maxq: int, block_size: int, relaxed: bool) -> None:
+           zt: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto") -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
     each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ on entry and is consumed.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. In block i1:i2, new rows N₁, old Q₁, Σ₁:
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
-        V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec)."""
+        V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec).
+    kernel="auto" runs each block's column loop as one compiled kernel on CPU (cd_kernel.py); "plain" (and CUDA)
+    as torch ops, column by column."""
     p = Qt.shape[0]
+    compiled = kernel == "auto" and cd_kernel.usable(Qt, Sigma)
     dinv_list = dinv.tolist()
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
@@ -122,17 +129,26 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         V1 = Q1 - d1 * (Gt[i1:i2] - torch.tril(S1, -1) @ Q1)  # [B, q]
         N1 = Q1.clone()  # [B, q] new rows
         s1, z1 = st[i1:i2], zt[i1:i2]  # [B, q]
-        for i in range(i2 - i1):
-            if dinv_list[i1 + i] == 0:
-                continue
-            u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv_list[i1 + i])  # [q] real minimizer
-            if relaxed:
-                torch.clamp(u, -s1[i] * z1[i], s1[i] * (maxq - z1[i]), out=N1[i])
-            else:  # nearest grid point; Ŵ = s (c - z) exactly as Grid.dequantize computes it
-                c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
-                torch.mul(c.sub_(z1[i]), s1[i], out=N1[i])
+        if compiled:
+            cd_kernel.cd_block(N1, S1, V1, s1, z1, dinv[i1:i2], maxq, relaxed)
+        else:
+            _column_loop(N1, S1, V1, s1, z1, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], N1 - Q1)  # later columns see this block's change
         Qt[i1:i2] = N1
+
+
+def _column_loop(N1: torch.Tensor, S1: torch.Tensor, V1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
+                 dinv: list[float], maxq: int, relaxed: bool) -> None:
+    """The reference column loop of one block (see `_sweep`), in place on N1 [B, q]."""
+    for i in range(N1.shape[0]):
+        if dinv[i] == 0:
+            continue
+        u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv[i])  # [q] real minimizer
+        if relaxed:
+            torch.clamp(u, -s1[i] * z1[i], s1[i] * (maxq - z1[i]), out=N1[i])
+        else:  # nearest grid point; Ŵ = s (c - z) exactly as Grid.dequantize computes it
+            c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
+            torch.mul(c.sub_(z1[i]), s1[i], out=N1[i])
 
 
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
@@ -251,7 +267,8 @@ class _Problem:
         return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
 
     def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
-        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.grid.maxq, self.options.block_size, relaxed)
+        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.grid.maxq, self.options.block_size, relaxed,
+               self.options.kernel)
 
     def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
              active: list[bool]) -> None:
