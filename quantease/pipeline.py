@@ -15,6 +15,7 @@ tokens' original inputs (solvers/base.py, Target), and the copy's outputs are th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -36,6 +37,7 @@ from .data.sources import load_text
 from .data.windows import calibration_windows, fingerprint, tokenize
 from .errors import CheckpointError, NumericalError, ResourceError, UsageError
 from .models.capture import BlockInputs, Call, capture_block_inputs, collect_grams, run_block
+from .models.reuse import PassCache
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, resolve_model_path
 from .models.registry import ArchSpec, FFNSpec
@@ -161,15 +163,38 @@ def _heavy_neurons(block: torch.nn.Module, ffn: FFNSpec, sigma_down: torch.Tenso
 def quantize_block(
     block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
     observe: Callable[[str, torch.Tensor], None] | None = None, reference: list[torch.Tensor] | None = None,
-) -> tuple[dict[str, LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
-    """Quantize every linear of one block in place; return their records, the block's output hidden states and,
-    given the original model's input hidden states (`reference`, target="propagated"), the original's outputs.
+) -> tuple[dict[str, LayerRecord], list[torch.Tensor], list[torch.Tensor] | None, float]:
+    """Quantize every linear of one block in place; return their records, the block's output hidden states, given
+    the original model's input hidden states (`reference`, target="propagated") the original's outputs, and the
+    block forwards the passes cost (linear multiply-adds computed over those of one forward of the block).
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
     down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py. Routed experts
-    see other tokens in the two models, so their Σ is not paired: they keep the layer objective."""
+    see other tokens in the two models, so their Σ is not paired: they keep the layer objective. Sub-module outputs
+    are reused between the passes where nothing they depend on changed (models/reuse.py)."""
     original = copy.deepcopy(block) if reference is not None else None  # the original weights, for the reference
-    original_outputs = None if config.propagate else run_block(block, inputs)
+    linears = arch.block_linears(block)
+    dense = [n for n in linears if not arch.is_expert(n)]  # what block forwards are counted in
+    caches = tuple(None if b is None else PassCache(b, _reusable(b, linears), dense) for b in (block, original))
+    with caches[0], (caches[1] or contextlib.nullcontext()):
+        records, outputs, ref_outputs = _quantize_block(block, arch, inputs, config, observe, reference, original,
+                                                        caches)
+        tokens = sum(y.numel() // y.shape[-1] for y in outputs)
+        full = tokens * sum(block.get_submodule(n).weight.numel() for n in dense)  # one forward's multiply-adds
+        work = sum(c.work for c in caches if c is not None) / full if full else 0.0
+    return records, outputs, ref_outputs, work
+
+
+def _reusable(block: torch.nn.Module, linears: list[str]) -> list[str]:
+    """The block's direct children that hold quantized linears: what is worth reusing between passes."""
+    return [name for name, _ in block.named_children() if any(n == name or n.startswith(name + ".") for n in linears)]
+
+
+def _quantize_block(block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
+                    observe: Callable[[str, torch.Tensor], None] | None, reference: list[torch.Tensor] | None,
+                    original: torch.nn.Module | None, caches: tuple[PassCache | None, PassCache | None]
+                    ) -> tuple[dict[str, LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
+    original_outputs = None if config.propagate else run_block(block, inputs, caches[0])
     stages = arch.stages(block, config.sequential)
     paired = {g for stage in stages for g in stage if not any(arch.is_expert(n) for n in g)}
     pairing = None if original is None else (original, reference, paired)
@@ -181,7 +206,7 @@ def quantize_block(
     for stage in stages:
         scoring = split_on and heavy is None and any(ffn.up in g for g in stage)
         down = [(ffn.down,)] if scoring and (ffn.down,) not in stage else []
-        grams = collect_grams(block, stage + down, inputs, pairing)
+        grams = collect_grams(block, stage + down, inputs, pairing, caches)
         if scoring:
             heavy, stats = _heavy_neurons(block, ffn, grams[(ffn.down,)].sigma(), config)
         for group in stage:
@@ -202,11 +227,11 @@ def quantize_block(
                 records.update(_solve_group(block, rest, sigma, config, target, fallback))
     if split_on and heavy is not None:
         records[ffn.down].extra["heavy_hitters"] = stats
-    outputs = original_outputs or run_block(block, inputs)
+    outputs = original_outputs or run_block(block, inputs, caches[0])
     if original is None:
         return records, outputs, None
     # not propagating, the inputs are the original's already, and so are the outputs
-    return records, outputs, original_outputs or run_block(original, BlockInputs(reference, inputs.calls))
+    return records, outputs, original_outputs or run_block(original, BlockInputs(reference, inputs.calls), caches[1])
 
 
 def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> dict[str, torch.Tensor]:
@@ -343,7 +368,8 @@ class _Run:
         obs = (lambda name, s: observe(i, name, s)) if observe else None
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            records, outputs, reference = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference)
+            records, outputs, reference, work = quantize_block(block, self.lazy.arch, inputs, self.config, obs,
+                                                               reference)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, or use --device cpu") from None
@@ -354,6 +380,7 @@ class _Run:
             self.layers[prefix + name] = rec.info(self.config.grid(), self.config.method)
             self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
+        self.log.setdefault("block_forwards", []).append(round(work, 3))
         last = i + 1 == len(self.lazy.blocks)
         self.resume.save(i + 1, self.layers, self.log, [] if last else outputs, None if last else reference)
         fault_point(f"block:{i}")

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import NumericalError
 from ..solvers.base import Target
+from .reuse import PassCache
 
 __all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_grams"]
 
@@ -86,11 +87,17 @@ def capture_block_inputs(
     return hidden, calls
 
 
+def _at(cache: PassCache | None, batch: int, collecting: set[str]) -> None:
+    if cache is not None:
+        cache.batch, cache.collecting = batch, collecting
+
+
 @torch.no_grad()
-def run_block(block: torch.nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's output hidden states for every batch."""
+def run_block(block: torch.nn.Module, inputs: BlockInputs, cache: PassCache | None = None) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch (reusing what `cache` holds)."""
     out = []
-    for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls):
+    for b, (hidden, (args, kwargs)) in enumerate(zip(inputs.hidden, inputs.calls)):
+        _at(cache, b, set())
         y = block(hidden, *args, **kwargs)
         y = y[0] if isinstance(y, (tuple, list)) else y
         if not torch.isfinite(y).all():
@@ -132,10 +139,11 @@ class GramAccumulator:
         return Target((self.delta / n).float(), (self.dd / n).float(), alpha)
 
 
-def _first_inputs(block: torch.nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, call: Call
-                  ) -> dict[tuple[str, ...], torch.Tensor]:
+def _first_inputs(block: torch.nn.Module, groups: list[tuple[str, ...]], hidden: torch.Tensor, call: Call,
+                  cache: PassCache | None = None, batch: int = 0) -> dict[tuple[str, ...], torch.Tensor]:
     """The input each group's modules read in one call of `block` (the pass stops once every group has one)."""
     seen: dict[tuple[str, ...], torch.Tensor] = {}
+    _at(cache, batch, {n for g in groups for n in g})
 
     def make_hook(group: tuple[str, ...]):
         def hook(module, args):
@@ -160,6 +168,7 @@ def _first_inputs(block: torch.nn.Module, groups: list[tuple[str, ...]], hidden:
 def collect_grams(
     block: torch.nn.Module, groups: list[tuple[str, ...]], inputs: BlockInputs,
     reference: tuple[torch.nn.Module, list[torch.Tensor], set[tuple[str, ...]]] | None = None,
+    caches: tuple[PassCache | None, PassCache | None] = (None, None),
 ) -> dict[tuple[str, ...], GramAccumulator]:
     """The Gram accumulator of each group's shared input, from one pass over the calibration batches.
 
@@ -167,7 +176,7 @@ def collect_grams(
     Σ costs a norm, not a block. A group that never ran (an expert no token was routed to) is absent.
     `reference` = (the original block, its input hidden states per batch, the groups to pair): for those groups the
     original block runs first on the same batch, and the accumulators also collect the propagated target's statistics
-    on exactly aligned tokens.
+    on exactly aligned tokens. `caches` (the block's, the original block's) reuse sub-module outputs between passes.
     """
     accs: dict[tuple[str, ...], GramAccumulator] = {}
     pending: set[tuple[str, ...]] = set()
@@ -195,8 +204,10 @@ def collect_grams(
     try:
         for b, (hidden, (args, kwargs)) in enumerate(zip(inputs.hidden, inputs.calls)):
             if paired:
-                refs = _first_inputs(reference[0], [g for g in groups if g in paired], reference[1][b], (args, kwargs))
+                refs = _first_inputs(reference[0], [g for g in groups if g in paired], reference[1][b], (args, kwargs),
+                                     caches[1], b)
             pending = set(groups)
+            _at(caches[0], b, {n for g in groups for n in g})
             try:
                 block(hidden, *args, **kwargs)
             except _Stop:
