@@ -56,16 +56,21 @@ def check_layer(W: torch.Tensor, sigma: torch.Tensor | None) -> None:
 def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, str | None]:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x damping on failure.
 
-    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids)."""
-    p = H.shape[0]
-    eye = torch.eye(p, device=H.device)  # [p, p]
+    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids).
+    At most three [p, p] matrices besides H are alive at once (the damped copy or L, then L⁻ᵀL⁻¹, then U)."""
     mean_diag = float(torch.diagonal(H).mean())
     tried = []
     for _ in range(retries + 1):
         tried.append(damp)
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)  # [p, p] lower
+        Hd = H.clone()  # [p, p]
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)  # [p, p] lower
+        del Hd
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [p, p] upper
+            Hinv = torch.cholesky_inverse(L)  # [p, p]
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [p, p] upper
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 note = None if len(tried) == 1 else f"gptq: Cholesky failed with damp={tried[0]:g}, used damp={damp:g}"
                 return U, note
@@ -141,7 +146,9 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
         scale_t, zero_t = grid.scale.t().contiguous(), grid.zero.t().contiguous()  # [G, q]
         gpos = grid.g_idx[perm].tolist()
 
-    U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
+    H = H[perm][:, perm] if options.act_order else H  # [p, p] processing order
+    U, note = _inverse_cholesky(H, options.damp, options.max_damp_retries)  # [p, p]
+    del H
     Wp = W[:, perm]  # [q, p] processing order
     if U is None:
         U = torch.eye(p, device=W.device)

@@ -196,29 +196,29 @@ def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: Q
 
 
 class _Problem:
-    """One layer's CD problem in the solver's working layout: columns permuted by `perm` (order="diag") and
-    transposed, [p, q], so row j of every tensor is column j of the layer; the grid travels with its columns."""
+    """One layer's CD problem in the solver's working layout: columns permuted by `perm` (order="diag"; None for the
+    natural order, which then copies nothing [p, p]) and transposed, [p, q], so row j of every tensor is column j of
+    the layer; the grid travels with its columns."""
 
     def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None):
         d = torch.diagonal(Sigma)  # [p]
-        p = W.shape[1]
-        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(p, device=W.device)
-        self.inv = torch.argsort(self.perm)
-        self.Wt = W[:, self.perm].t().contiguous()  # [p, q]
-        self.Sigma, d = Sigma[self.perm][:, self.perm], d[self.perm]
+        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else None
+        self.inv = None if self.perm is None else torch.argsort(self.perm)
+        self.Wt = self.layout(W)  # [p, q]
+        self.Sigma, d = (Sigma, d) if self.perm is None else (Sigma[self.perm][:, self.perm], d[self.perm])
         self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
         self.lam = options.damp * float(d.mean())
         self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
-        self.Bt = None if target is None else target.shift(W)[:, self.perm].t().contiguous()  # [p, q]
+        self.Bt = None if target is None else self.layout(target.shift(W))  # [p, q]
         self.const = 0.0 if target is None else target.constant(W)
         self.options = options
 
     def layout(self, X: torch.Tensor) -> torch.Tensor:
         """[q, p] original order -> [p, q] working layout."""
-        return X[:, self.perm].t().contiguous()
+        return (X if self.perm is None else X[:, self.perm]).t().contiguous()
 
     def original(self, Xt: torch.Tensor) -> torch.Tensor:
-        return Xt.t()[:, self.inv]
+        return Xt.t().contiguous() if self.inv is None else Xt.t()[:, self.inv]
 
     def use_grid(self, grid: Grid) -> None:
         self.grid = grid
