@@ -15,7 +15,8 @@ from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
 from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
-from .pipeline import quantize, resolve_device
+from .pipeline import quantize
+from .resources import resolve_device
 
 __all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "evaluate_perplexity",
            "evaluate_zeroshot", "results_path", "stored_results"]

@@ -276,10 +276,12 @@ class CheckpointWriter:
     def shard_name(self, block: int | None) -> str:
         return OUTER_SHARD if block is None else f"model-block-{block:05d}.safetensors"
 
-    def write_shard(self, block: int | None, tensors: dict[str, torch.Tensor]) -> None:
+    def write_shard(self, block: int | None, tensors: dict[str, torch.Tensor]) -> int:
+        """Write one shard; returns its size in bytes."""
         name = self.shard_name(block)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return (self.out / name).stat().st_size
 
     def write_json(self, name: str, obj: Any) -> None:
         _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False)))

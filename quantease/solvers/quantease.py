@@ -31,9 +31,10 @@ import torch
 from ..errors import UsageError
 from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver
 from .gptq import GPTQOptions, check_layer
+from .gptq import workspace as gptq_workspace
 from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep", "refit_grid"]
+__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep", "refit_grid", "workspace"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -251,7 +252,16 @@ class _Problem:
         return best
 
 
-@register_solver("quantease", QuantEaseOptions)
+def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
+    """The larger of the GPTQ initialization's and the CD sweeps' working set: ten and a half [q, p] fp32 (Wᵀ, the
+    grid's scale and zero columns, the iterate, the best one, the residual G and the next residual with its D,
+    measured on the CPU); a propagated target adds its shift [q, p], outliers the dense H and gradient."""
+    init = gptq_workspace(q, p, GPTQOptions(), target) if options.init == "gptq" else 0
+    cd = 42 * q * p + (4 * q * p if target else 0)
+    return max(init, cd) + (8 * q * p if options.outliers > 0 else 0)
+
+
+@register_solver("quantease", QuantEaseOptions, workspace=workspace)
 @torch.no_grad()
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
           options: QuantEaseOptions = QuantEaseOptions(), target: Target | None = None) -> SolveResult:
@@ -270,11 +280,13 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
     prob = _Problem(W, Sigma, options, target)
     prob.use_grid(grid)
     Qt = prob.layout(Q)
+    del Q
     Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
     start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
     f0 = prob.residual(start)[1]
     history = [f0]
     best = (f0, start, grid)
+    del start
     from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
     if options.relax_sweeps:
         Gt, _ = prob.residual(Qt)
@@ -294,6 +306,7 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
 
     _, best_t, grid = best
     W_hat = prob.original(best_t)  # [q, p] original column order
+    del prob, Qt, best, best_t  # the working layout ([p, q] W, iterate, grid columns) before the loss is measured
     qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
     assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
     return SolveResult(qw, layer_loss(W, W_hat, sigma, target), history, notes)

@@ -1,0 +1,326 @@
+"""The memory and disk plan of a quantization run, from config.json and the safetensors headers alone.
+
+Nothing is loaded: the shapes come from the model's skeleton on the meta device and the dtypes and sizes from the
+safetensors headers. With e the forward dtype's bytes, A = nsamples · seqlen · hidden · e one set of calibration
+hidden states and a = batch · seqlen · hidden · e one batch of it, the device holds at each phase of the run
+
+  capture   what runs the model up to block 0 (embeddings) + block 0's inputs (A) + 2a
+  Σ pass    one block (a second copy of its original weights with target=propagated)
+            + the hidden states it reads (A; 2A with the propagated target's originals, + A with --no-propagate)
+            + the stage's Gram accumulators (p² fp64 each, 3p² when paired with the original's inputs)
+            + one batch's forward workspace, batch · seqlen · e · max(3 I + 2 h, 6 h) (I: widest linear output)
+            + one batch's fp32 Gram product p² and its fp32 copy of the inputs when e < 4
+  solve     block + hidden states + the layer's Σ (Δ and Σ_d too when paired) in fp32 + W [q, p] fp32 + what the
+            solver allocates (its registered `workspace`, solvers/base.py) + the stage's later accumulators
+  output    block + hidden states in and out (2A; 4A with the propagated target)
+Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps them
+all in pinned memory. The host holds the process as it is now (Python, torch, the skeleton), the offloaded hidden
+states and the largest host-only moment: the outer tensors read for the first shard, a block's tensors while they
+are read and converted, or the hidden states copied off the device for the resume state. On the CPU device and host
+are one memory. Disk: the checkpoint (the schema of checkpoint/native.py applied to every linear, other tensors as
+stored) and one resume state (A, 2A with the propagated target), twice that while a new one replaces the old.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint.native import Dims, quantized_schema
+from .config import QuantConfig
+from .errors import ResourceError
+from .models.layers import matrix_shape
+from .models.reader import LazyModel
+from .resources import available_memory, host_available, rss
+from .solvers import get_solver
+from .solvers.outliers import outlier_count
+
+__all__ = ["Plan", "make_plan", "check_memory", "check_disk", "GiB"]
+
+GiB = 2**30
+_HEADROOM = 0.92  # plan to use at most this share of what is free: allocator fragmentation, CUDA context, kernels
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    q: int
+    p: int
+    stored: int  # bytes per weight in the checkpoint
+
+
+@dataclass(frozen=True)
+class _Block:
+    """What the plan needs of one decoder block (identical blocks share one)."""
+
+    params: int  # parameters of the block
+    stages: tuple[tuple[tuple[_Layer, ...], ...], ...]  # stage -> group -> layers (a group shares its input)
+    widest: int  # largest output size of any linear
+    other_bytes: int  # stored bytes of the tensors that are not quantized (norms, biases)
+    largest_tensor: int  # elements of the block's largest tensor
+
+
+@dataclass
+class Peak:
+    bytes: int
+    phase: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """The plan of one run (see the module docstring); every size in bytes."""
+
+    model: str
+    device: str
+    dtype: str
+    offload: bool
+    blocks: int
+    batches: int
+    device_peak: Peak
+    host_peak: Peak
+    device_free: int
+    host_free: int
+    checkpoint_bytes: int
+    resume_bytes: int  # one resume state (the next block's inputs)
+    resume_saves: int  # resume states written with inputs over the run
+    passes_per_block: int  # block passes, each over every calibration batch
+    partial_passes: int  # of those, how many stop at a layer's input
+
+    @property
+    def block_forwards(self) -> int:
+        return self.passes_per_block * self.blocks
+
+    @property
+    def disk_needed(self) -> int:
+        return self.checkpoint_bytes + 2 * self.resume_bytes
+
+    @property
+    def disk_written(self) -> int:
+        return self.checkpoint_bytes + self.resume_saves * self.resume_bytes
+
+    def fits(self) -> bool:
+        if self.device == "cpu":
+            return self.host_peak.bytes <= _HEADROOM * self.host_free
+        return (self.device_peak.bytes <= _HEADROOM * self.device_free
+                and self.host_peak.bytes <= _HEADROOM * self.host_free)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"block_forwards": self.block_forwards, "disk_needed": self.disk_needed,
+                               "disk_written": self.disk_written}
+
+    def text(self, disk_free: int | None = None) -> str:
+        placement = "offloaded to host memory" if self.offload else "kept on the device"
+        lines = [f"plan: {self.model} ({self.blocks} blocks) on {self.device}, {self.dtype} forwards, "
+                 f"calibration hidden states {placement}"]
+        rows = [("device", self.device_peak, self.device_free)] if self.device != "cpu" else []
+        rows.append(("host" if self.device != "cpu" else "host (= device)", self.host_peak, self.host_free))
+        for label, peak, free in rows:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in peak.parts.items() if v)
+            lines.append(f"  {label:<15} peak {_gib(peak.bytes)} of {_gib(free)} free, at {peak.phase}: {parts}")
+        free = "" if disk_free is None else f"; {_gib(disk_free)} free"
+        lines.append(f"  {'disk':<15} checkpoint {_gib(self.checkpoint_bytes)} + resume state "
+                     f"{_gib(self.resume_bytes)} (twice that while replaced){free}; written over the run "
+                     f"{_gib(self.disk_written)} ({self.resume_saves} resume states)")
+        lines.append(f"  {'block forwards':<15} {self.passes_per_block} passes per block ({self.partial_passes} stop at "
+                     f"a layer's input) x {self.blocks} blocks = {self.block_forwards}, each over {self.batches} "
+                     f"batches")
+        return "\n".join(lines)
+
+
+def _blocks(lazy: LazyModel, sequential: bool) -> list[_Block]:
+    out = []
+    for i, block in enumerate(lazy.blocks):
+        stored = {n.removeprefix(lazy.block_prefix(i)): lazy.index.dtype(k).itemsize
+                  for n, k in lazy.block_tensor_names(i).items()}
+        stages = tuple(tuple(tuple(_Layer(n, *matrix_shape(block.get_submodule(n)), stored[f"{n}.weight"])
+                                   for n in group) for group in stage)
+                       for stage in lazy.arch.stages(block, sequential))
+        linears = {f"{l.name}.weight" for st in stages for g in st for l in g}
+        params = dict(block.named_parameters())
+        other = sum(params[n].numel() * stored[n] for n in stored if n not in linears)
+        out.append(_Block(sum(p.numel() for p in params.values()), stages,
+                          max(l.q for st in stages for g in st for l in g), other,
+                          max(p.numel() for p in params.values())))
+    return out
+
+
+def _layer_bytes(layer: _Layer, config: QuantConfig) -> int:
+    """Stored bytes of one quantized linear: the native schema's tensors (outliers counted; FFSplit's heavy part
+    approximated as its share of the layer at heavy_bits)."""
+    spec, opts = config.grid(), config.solver_options()
+    act_order = getattr(opts, "act_order", getattr(opts, "gptq_act_order", False))
+    static = getattr(opts, "static_groups", getattr(opts, "gptq_static_groups", True))
+    structure = getattr(opts, "outlier_structure", "unstructured")
+    amount = getattr(opts, "outliers", 0.0)
+    count = 0 if not amount else outlier_count(amount, layer.p if structure == "column" else layer.q * layer.p)
+    dims = Dims(layer.q, layer.p, spec.bits, spec.groups(layer.p), spec.sym,
+                spec.group_size != -1 and act_order and not static, structure if amount else None, count)
+    size = sum(math.prod(s.shape(dims)) * s.dtype.itemsize for s in quantized_schema() if s.when(dims))
+    if config.ffsplit:
+        share = config.ffsplit if config.ffsplit < 1 else config.ffsplit / max(layer.q, layer.p)
+        size += int(share * layer.q * layer.p * (config.heavy_bits - spec.bits) / 8)
+    return size
+
+
+class _Memory:
+    """The device and host peaks of one setting (the module docstring's phases)."""
+
+    def __init__(self, lazy: LazyModel, blocks: list[_Block], config: QuantConfig, cuda: bool, offload: bool):
+        self.lazy, self.blocks, self.c, self.cuda, self.offload = lazy, blocks, config, cuda, offload
+        self.e = torch.empty((), dtype=lazy.dtype).element_size()
+        self.h = lazy.config.hidden_size
+        self.tokens_b = min(config.calib_batch_size, config.nsamples) * config.seqlen
+        self.A = config.nsamples * config.seqlen * self.h * self.e
+        self.a = self.tokens_b * self.h * self.e
+        self.paired = config.target == "propagated"
+        self.sets_in = (2 if self.paired else 1) + (0 if config.propagate else 1)
+        entry = get_solver(config.method)
+        self.solver, self.options = entry, config.solver_options()
+
+    def _acts(self, sets: int) -> int:
+        return sets * (self.a if self.offload else self.A)
+
+    def capture(self) -> Peak:
+        outer = sum(self.lazy.model.get_parameter(n).numel() for n in self.lazy.capture_params()) * self.e
+        return Peak(outer + self._acts(1) + 2 * self.a, "capture", {"embeddings": outer, "hidden states": self._acts(1),
+                                                                     "batch": 2 * self.a})
+
+    def block(self, i: int, b: _Block) -> Peak:
+        weights = b.params * self.e * (2 if self.paired else 1)
+        acts = self._acts(self.sets_in)
+        forward = self.tokens_b * self.e * max(3 * b.widest + 2 * self.h, 6 * self.h)
+        gram = 3 if self.paired else 1
+        peaks = [Peak(weights + self._acts(4 if self.paired else 2) + forward, f"block {i} output",
+                      {"block": weights, "hidden states": self._acts(4 if self.paired else 2), "forward": forward})]
+        for stage in b.stages:
+            ps = [g[0].p for g in stage]
+            accs = [8 * p * p * gram for p in ps]
+            batch = 4 * max(ps) ** 2 + (4 * self.tokens_b * max(ps) * (3 if self.paired else 1) if self.e < 4 else 0)
+            peaks.append(Peak(weights + acts + sum(accs) + forward + batch, f"block {i} Σ of {stage[0][0].name}",
+                              {"block": weights, "hidden states": acts, "Σ accumulators": sum(accs),
+                               "forward": forward + batch}))
+            for k, group in enumerate(stage):
+                later = sum(accs[k + 1:])
+                for layer in group:
+                    sigma = 4 * layer.p ** 2 * gram
+                    work = self.solver.workspace(layer.q, layer.p, self.options, self.paired) + 4 * layer.q * layer.p
+                    peaks.append(Peak(weights + acts + later + sigma + work, f"block {i} solving {layer.name}",
+                                      {"block": weights, "hidden states": acts, "Σ": sigma + later, "solver": work}))
+        return max(peaks, key=lambda pk: pk.bytes)
+
+    def device(self) -> Peak:
+        distinct = {b: i for i, b in reversed(list(enumerate(self.blocks)))}  # identical blocks: the first one
+        return max([self.capture()] + [self.block(i, b) for b, i in distinct.items()], key=lambda pk: pk.bytes)
+
+    def host(self, device_peak: Peak, baseline: int) -> Peak:
+        outer_read = sum(math.prod(self.lazy.index.shape(self.lazy.checkpoint_name(n)))
+                         * self.lazy.index.dtype(self.lazy.checkpoint_name(n)).itemsize for n in self.lazy.outer_params())
+        load = max(b.largest_tensor for b in self.blocks) * (4 + self.e)
+        if not self.cuda:  # one memory: the device phases plus what the host adds at the same moment
+            first_shard = self.A + outer_read
+            peak = device_peak if device_peak.bytes >= first_shard else \
+                Peak(first_shard, "writing the outer shard", {"hidden states": self.A, "outer tensors": outer_read})
+            return Peak(baseline + peak.bytes, peak.phase, {"process": baseline, **peak.parts})
+        pinned = 2 * self.A * (2 if self.paired else 1) if self.offload else 0
+        resume = 0 if self.offload else self.A * (2 if self.paired else 1)
+        moments = {"outer tensors read": outer_read, "resume state copied": resume, "block tensors read": load}
+        name, extra = max(moments.items(), key=lambda kv: kv[1])
+        return Peak(baseline + pinned + extra, name,
+                    {"process": baseline, "offloaded hidden states": pinned, name: extra})
+
+
+def _passes(blocks: list[_Block], config: QuantConfig) -> tuple[int, int]:
+    """Block passes per block: one per stage (each stops at its last group's input, the last stage's group is the
+    one before the output) plus the output pass, one more without propagation; with the propagated target the
+    original block also runs up to each stage's inputs and to its output."""
+    stages = max(len(b.stages) for b in blocks)
+    passes = stages + 1 + (0 if config.propagate else 1)
+    if config.target == "propagated":
+        passes += stages + (1 if config.propagate else 0)
+    partial = stages * (2 if config.target == "propagated" else 1)
+    return passes, partial
+
+
+def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device) -> Plan:
+    """The plan of quantizing `lazy` with `config` on `device`; with offload_activations="auto", the hidden states
+    are offloaded exactly when they do not fit on a CUDA device (never on the CPU, where host and device are one)."""
+    blocks = _blocks(lazy, config.sequential)
+    cuda = device.type == "cuda"
+    device_free = available_memory(device)
+    host_free = host_available()
+    baseline = rss()
+
+    def plan(offload: bool) -> Plan:
+        memory = _Memory(lazy, blocks, config, cuda, offload)
+        dev = memory.device()
+        n = len(blocks)
+        saves = sum(1 for i in range(n - 1) if (i + 1) % config.resume_every == 0)
+        passes, partial = _passes(blocks, config)
+        checkpoint = sum(_layer_bytes(l, config) for b in blocks for st in b.stages for g in st for l in g) + \
+            sum(b.other_bytes for b in blocks) + _outer_bytes(lazy)
+        return Plan(str(lazy.folder), str(device), str(lazy.dtype).removeprefix("torch."), offload, n,
+                    math.ceil(config.nsamples / config.calib_batch_size), dev, memory.host(dev, baseline), device_free,
+                    host_free, checkpoint, memory.A * (2 if config.target == "propagated" else 1), saves, passes,
+                    partial)
+
+    if config.offload_activations != "auto":
+        return plan(config.offload_activations == "on")
+    resident = plan(False)
+    return plan(True) if cuda and not resident.fits() else resident
+
+
+def _outer_bytes(lazy: LazyModel) -> int:
+    names = {lazy.checkpoint_name(n) for n in lazy.outer_params()}
+    return sum(math.prod(lazy.index.shape(k)) * lazy.index.dtype(k).itemsize for k in names)
+
+
+def check_memory(plan: Plan, lazy: LazyModel, config: QuantConfig, device: torch.device) -> None:
+    """Refuse a plan that does not fit, naming the option that makes it fit: --offload-activations on (CUDA),
+    a smaller --batch-size, or fewer --nsamples."""
+    if plan.fits():
+        return
+    where = "host RAM" if plan.device == "cpu" or plan.device_peak.bytes <= _HEADROOM * plan.device_free else plan.device
+    need, free = (plan.host_peak.bytes, plan.host_free) if where == "host RAM" else \
+        (plan.device_peak.bytes, plan.device_free)
+    head = f"the run does not fit in {where}: it needs about {_gib(need)} (peak at {(plan.host_peak if where == 'host RAM' else plan.device_peak).phase}), {_gib(free)} free"
+    raise ResourceError(f"{head}; {_fix(lazy, config, device)}")
+
+
+def _fix(lazy: LazyModel, config: QuantConfig, device: torch.device) -> str:
+    def fits(**change) -> bool:
+        return make_plan(lazy, QuantConfig.from_dict({**config.to_dict(), **change}), device).fits()
+
+    if device.type == "cuda" and config.offload_activations == "off" and fits(offload_activations="on"):
+        return "use --offload-activations on (or auto)"
+    b = config.calib_batch_size
+    while b > 1:
+        b //= 2
+        if fits(calib_batch_size=b):
+            return f"use --batch-size {b}"
+    n = config.nsamples
+    while n > 1:
+        n //= 2
+        if fits(calib_batch_size=1, nsamples=n):
+            return f"use --batch-size 1 --nsamples {n}" if config.calib_batch_size > 1 else f"use --nsamples {n}"
+    return "even one calibration window does not fit: use a device with more memory"
+
+
+def check_disk(plan: Plan, out: Path) -> int:
+    """Refuse to start when the checkpoint and the resume state cannot fit where `out` goes; returns the free bytes."""
+    folder = Path(out)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < plan.disk_needed:
+        raise ResourceError(f"not enough disk space in {out}: about {_gib(plan.disk_needed)} needed "
+                            f"(checkpoint {_gib(plan.checkpoint_bytes)}, resume state {_gib(plan.resume_bytes)} "
+                            f"twice), {_gib(free)} free")
+    return free
