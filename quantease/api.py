@@ -15,11 +15,24 @@ from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
 from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
-from .pipeline import quantize
+from .pipeline import check_model, open_model, quantize
+from .plan import Plan, check_disk, make_plan
 from .resources import resolve_device
 
-__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "evaluate_perplexity",
+__all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load", "evaluate", "evaluate_perplexity",
            "evaluate_zeroshot", "results_path", "stored_results"]
+
+
+def plan(config: QuantConfig) -> Plan:
+    """The memory and disk plan of quantizing with `config`, from config.json and the safetensors headers only:
+    nothing is loaded. `plan.problem` says what does not fit and which option fixes it (None when all fits); disk is
+    checked where config.out goes (the current folder when it has none)."""
+    _, device, lazy = open_model(config)
+    check_model(lazy, config)
+    result = make_plan(lazy, config, device)
+    short = check_disk(result, config.out or ".")
+    result.problem = result.problem or short
+    return result
 
 
 def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__
-from .checkpoint.native import FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, CheckpointWriter, effective_bits, encode
+from .checkpoint.native import (FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, TOKENIZER_FILES, CheckpointWriter,
+                                effective_bits, encode)
 from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
 from .data.sources import load_text
@@ -45,17 +46,13 @@ from .models.capture import BlockInputs, Call, capture_block_inputs, clock, coll
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, checkpoint_dtype, open_index, read_config, resolve_model_path
 from .models.registry import ArchSpec, FFNSpec
-from .plan import Plan, check_disk, check_memory, make_plan
+from .plan import Plan, check_disk, make_plan
 from .resources import device_peak, peak_rss, reset_peaks, resolve_device, resolve_dtype
 from .solvers import GridSpec, SolveResult, get_solver
 from .solvers.base import Target, output_energy
 
-__all__ = ["quantize", "quantize_block", "open_model", "LayerRecord", "BlockResult"]
+__all__ = ["quantize", "quantize_block", "open_model", "check_model", "LayerRecord", "BlockResult"]
 
-TOKENIZER_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "chat_template.jinja", "generation_config.json",
-]
 SigmaObserver = Callable[[int, str, torch.Tensor], None]
 WeightSource = Callable[[str], torch.Tensor]  # linear name -> its original weight [out, in] in fp32
 log = logging.getLogger("quantease")
@@ -255,6 +252,12 @@ def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> 
     return tensors
 
 
+def check_model(lazy: LazyModel, config: QuantConfig) -> None:
+    """Settings the model cannot take, refused before any work: group sizes, FFSplit."""
+    _check_shapes(lazy, config.grid())
+    _check_ffsplit(lazy, config)
+
+
 def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
     """Fail before any work if the group size does not divide some layer's input size."""
     for block in lazy.blocks:
@@ -334,6 +337,7 @@ class _Run:
         """The first block to quantize, its input hidden states (block 0's, or those a killed run saved) and, with the
         propagated target, the original model's (at block 0 the same tensors)."""
         t0 = time.perf_counter()
+        reset_peaks(self.device)
         self.lazy.load_outer(self.device)
         hidden, self.calls = capture_block_inputs(self.lazy.model, self.lazy.blocks,
                                                   windows.split(self.config.calib_batch_size),
@@ -343,7 +347,8 @@ class _Run:
         if saved is None:
             self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
                                            for n in self.lazy.outer_params()})
-            self.log["capture_s"] = round(time.perf_counter() - t0, 3)
+            self.log.update(capture_s=round(time.perf_counter() - t0, 3), capture_peak_rss=peak_rss(),
+                            capture_peak_device=device_peak(self.device))
             return 0, hidden, (hidden if self.config.target == "propagated" else None)
         del hidden
         start, self.layers, log, hidden, reference = saved
@@ -410,10 +415,10 @@ def quantize(
         raise UsageError("no output folder given (--out)")
     started = time.perf_counter()
     path, device, lazy = open_model(config)
-    _check_shapes(lazy, config.grid())
-    _check_ffsplit(lazy, config)
+    check_model(lazy, config)
     plan = make_plan(lazy, config, device)
-    check_memory(plan, lazy, config, device)
+    if plan.problem:
+        raise ResourceError(plan.problem)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
                                   config.seqlen, config.seed)
@@ -423,7 +428,9 @@ def quantize(
     resume = _open_output(out, fp, overwrite, restart)
     if resume is None:
         return out
-    check_disk(plan, out)
+    short = check_disk(plan, out)
+    if short:
+        raise ResourceError(short)
     run = _Run(config, device, lazy, out, resume, plan)
     start, hidden, reference = run.first_inputs(windows)
     bar = tqdm(range(start, len(lazy.blocks)), desc="quantize", unit="block", disable=not progress,

@@ -29,19 +29,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.native import Dims, quantized_schema
+from .checkpoint.native import TOKENIZER_FILES, Dims, quantized_schema
 from .config import QuantConfig
-from .errors import ResourceError
 from .models.layers import matrix_shape
 from .models.reader import LazyModel
 from .resources import available_memory, host_available, rss
 from .solvers import get_solver
 from .solvers.outliers import outlier_count
 
-__all__ = ["Plan", "make_plan", "check_memory", "check_disk", "GiB"]
+__all__ = ["Plan", "Peak", "make_plan", "check_disk", "GiB"]
 
 GiB = 2**30
 _HEADROOM = 0.92  # plan to use at most this share of what is free: allocator fragmentation, CUDA context, kernels
+_JSON_PER_LAYER = 700  # quantease.json and the index per quantized linear (settings, errors, history, tensor names)
 
 
 def _gib(n: float) -> str:
@@ -93,6 +93,8 @@ class Plan:
     resume_saves: int  # resume states written with inputs over the run
     passes_per_block: int  # block passes, each over every calibration batch
     partial_passes: int  # of those, how many stop at a layer's input
+    problem: str | None = None  # why it does not fit, and the option that fixes it
+    disk_free: int | None = None  # where the output goes (check_disk)
 
     @property
     def block_forwards(self) -> int:
@@ -106,17 +108,24 @@ class Plan:
     def disk_written(self) -> int:
         return self.checkpoint_bytes + self.resume_saves * self.resume_bytes
 
+    def _device_fits(self) -> bool:
+        return self.device == "cpu" or self.device_peak.bytes <= _HEADROOM * self.device_free
+
     def fits(self) -> bool:
-        if self.device == "cpu":
-            return self.host_peak.bytes <= _HEADROOM * self.host_free
-        return (self.device_peak.bytes <= _HEADROOM * self.device_free
-                and self.host_peak.bytes <= _HEADROOM * self.host_free)
+        return self._device_fits() and self.host_peak.bytes <= _HEADROOM * self.host_free
+
+    def shortfall(self) -> str:
+        """Where the run does not fit, in one clause."""
+        where, peak, free = (self.device, self.device_peak, self.device_free) if not self._device_fits() else \
+            ("host RAM", self.host_peak, self.host_free)
+        return (f"the run does not fit in {where}: it needs about {_gib(peak.bytes)} at {peak.phase}, "
+                f"{_gib(free)} free (a plan keeps {1 - _HEADROOM:.0%} spare)")
 
     def to_dict(self) -> dict:
         return asdict(self) | {"block_forwards": self.block_forwards, "disk_needed": self.disk_needed,
                                "disk_written": self.disk_written}
 
-    def text(self, disk_free: int | None = None) -> str:
+    def text(self) -> str:
         placement = "offloaded to host memory" if self.offload else "kept on the device"
         lines = [f"plan: {self.model} ({self.blocks} blocks) on {self.device}, {self.dtype} forwards, "
                  f"calibration hidden states {placement}"]
@@ -125,7 +134,7 @@ class Plan:
         for label, peak, free in rows:
             parts = ", ".join(f"{k} {_gib(v)}" for k, v in peak.parts.items() if v)
             lines.append(f"  {label:<15} peak {_gib(peak.bytes)} of {_gib(free)} free, at {peak.phase}: {parts}")
-        free = "" if disk_free is None else f"; {_gib(disk_free)} free"
+        free = "" if self.disk_free is None else f"; {_gib(self.disk_free)} free"
         lines.append(f"  {'disk':<15} checkpoint {_gib(self.checkpoint_bytes)} + resume state "
                      f"{_gib(self.resume_bytes)} (twice that while replaced){free}; written over the run "
                      f"{_gib(self.disk_written)} ({self.resume_saves} resume states)")
@@ -238,25 +247,24 @@ class _Memory:
 
 
 def _passes(blocks: list[_Block], config: QuantConfig) -> tuple[int, int]:
-    """Block passes per block: one per stage (each stops at its last group's input, the last stage's group is the
-    one before the output) plus the output pass, one more without propagation; with the propagated target the
-    original block also runs up to each stage's inputs and to its output."""
+    """Block passes per block: one per stage, each stopping at its groups' inputs, and one to the output (without
+    propagation that one comes first, computing the original outputs that the next block gets); with the propagated
+    target the original block also runs up to each stage's inputs and, when propagating, to its output."""
     stages = max(len(b.stages) for b in blocks)
-    passes = stages + 1 + (0 if config.propagate else 1)
+    passes = stages + 1
     if config.target == "propagated":
         passes += stages + (1 if config.propagate else 0)
     partial = stages * (2 if config.target == "propagated" else 1)
     return passes, partial
 
 
-def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device) -> Plan:
+def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, advise: bool = True) -> Plan:
     """The plan of quantizing `lazy` with `config` on `device`; with offload_activations="auto", the hidden states
-    are offloaded exactly when they do not fit on a CUDA device (never on the CPU, where host and device are one)."""
+    are offloaded exactly when they do not fit on a CUDA device (never on the CPU, where host and device are one).
+    A plan that does not fit has `problem`: one line naming the option that makes it fit (`advise`)."""
     blocks = _blocks(lazy, config.sequential)
     cuda = device.type == "cuda"
-    device_free = available_memory(device)
-    host_free = host_available()
-    baseline = rss()
+    device_free, host_free, baseline = available_memory(device), host_available(), rss()
 
     def plan(offload: bool) -> Plan:
         memory = _Memory(lazy, blocks, config, cuda, offload)
@@ -264,17 +272,27 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device) -> Pla
         n = len(blocks)
         saves = sum(1 for i in range(n - 1) if (i + 1) % config.resume_every == 0)
         passes, partial = _passes(blocks, config)
-        checkpoint = sum(_layer_bytes(l, config) for b in blocks for st in b.stages for g in st for l in g) + \
-            sum(b.other_bytes for b in blocks) + _outer_bytes(lazy)
+        layers = [l for b in blocks for st in b.stages for g in st for l in g]
+        checkpoint = sum(_layer_bytes(l, config) for l in layers) + sum(b.other_bytes for b in blocks) + \
+            _outer_bytes(lazy) + _copied_bytes(lazy.folder) + _JSON_PER_LAYER * len(layers)
         return Plan(str(lazy.folder), str(device), str(lazy.dtype).removeprefix("torch."), offload, n,
                     math.ceil(config.nsamples / config.calib_batch_size), dev, memory.host(dev, baseline), device_free,
                     host_free, checkpoint, memory.A * (2 if config.target == "propagated" else 1), saves, passes,
                     partial)
 
     if config.offload_activations != "auto":
-        return plan(config.offload_activations == "on")
-    resident = plan(False)
-    return plan(True) if cuda and not resident.fits() else resident
+        result = plan(config.offload_activations == "on")
+    else:
+        result = plan(False)
+        result = plan(True) if cuda and not result.fits() else result
+    if advise and not result.fits():
+        result.problem = f"{result.shortfall()}; {_fix(lazy, config, device)}"
+    return result
+
+
+def _copied_bytes(folder: Path) -> int:
+    """The files a checkpoint copies from the model folder (config, tokenizer)."""
+    return sum((folder / n).stat().st_size for n in ["config.json", *TOKENIZER_FILES] if (folder / n).is_file())
 
 
 def _outer_bytes(lazy: LazyModel) -> int:
@@ -282,21 +300,10 @@ def _outer_bytes(lazy: LazyModel) -> int:
     return sum(math.prod(lazy.index.shape(k)) * lazy.index.dtype(k).itemsize for k in names)
 
 
-def check_memory(plan: Plan, lazy: LazyModel, config: QuantConfig, device: torch.device) -> None:
-    """Refuse a plan that does not fit, naming the option that makes it fit: --offload-activations on (CUDA),
-    a smaller --batch-size, or fewer --nsamples."""
-    if plan.fits():
-        return
-    where = "host RAM" if plan.device == "cpu" or plan.device_peak.bytes <= _HEADROOM * plan.device_free else plan.device
-    need, free = (plan.host_peak.bytes, plan.host_free) if where == "host RAM" else \
-        (plan.device_peak.bytes, plan.device_free)
-    head = f"the run does not fit in {where}: it needs about {_gib(need)} (peak at {(plan.host_peak if where == 'host RAM' else plan.device_peak).phase}), {_gib(free)} free"
-    raise ResourceError(f"{head}; {_fix(lazy, config, device)}")
-
-
 def _fix(lazy: LazyModel, config: QuantConfig, device: torch.device) -> str:
+    """The first change that fits: offloading (CUDA), a smaller batch, fewer calibration windows."""
     def fits(**change) -> bool:
-        return make_plan(lazy, QuantConfig.from_dict({**config.to_dict(), **change}), device).fits()
+        return make_plan(lazy, QuantConfig.from_dict({**config.to_dict(), **change}), device, advise=False).fits()
 
     if device.type == "cuda" and config.offload_activations == "off" and fits(offload_activations="on"):
         return "use --offload-activations on (or auto)"
@@ -310,17 +317,18 @@ def _fix(lazy: LazyModel, config: QuantConfig, device: torch.device) -> str:
         n //= 2
         if fits(calib_batch_size=1, nsamples=n):
             return f"use --batch-size 1 --nsamples {n}" if config.calib_batch_size > 1 else f"use --nsamples {n}"
-    return "even one calibration window does not fit: use a device with more memory"
+    return "not even one calibration window fits: use a device with more memory"
 
 
-def check_disk(plan: Plan, out: Path) -> int:
-    """Refuse to start when the checkpoint and the resume state cannot fit where `out` goes; returns the free bytes."""
+def check_disk(plan: Plan, out: str | Path) -> str | None:
+    """Why the checkpoint and the resume state cannot fit where `out` goes (None when they can); records the free
+    space in `plan.disk_free`."""
     folder = Path(out)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < plan.disk_needed:
-        raise ResourceError(f"not enough disk space in {out}: about {_gib(plan.disk_needed)} needed "
-                            f"(checkpoint {_gib(plan.checkpoint_bytes)}, resume state {_gib(plan.resume_bytes)} "
-                            f"twice), {_gib(free)} free")
-    return free
+    plan.disk_free = shutil.disk_usage(folder).free
+    if plan.disk_free >= plan.disk_needed:
+        return None
+    return (f"not enough disk space in {out}: about {_gib(plan.disk_needed)} needed (checkpoint "
+            f"{_gib(plan.checkpoint_bytes)}, resume state {_gib(plan.resume_bytes)} twice), "
+            f"{_gib(plan.disk_free)} free")

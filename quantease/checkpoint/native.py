@@ -35,6 +35,7 @@ from .resume import fault_point
 
 __all__ = [
     "FORMAT",
+    "TOKENIZER_FILES",
     "Dims",
     "TensorSchema",
     "quantized_schema",
@@ -59,6 +60,10 @@ MANIFEST = "manifest.json"
 INFO = "quantease.json"
 RUN_LOG = "run.json"  # timings of this particular run: not part of the checkpoint, so not in the manifest
 OUTER_SHARD = "model-outer.safetensors"
+TOKENIZER_FILES = [  # copied from the model folder when present
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "chat_template.jinja", "generation_config.json",
+]
 
 
 class Dims(NamedTuple):
