@@ -4,7 +4,7 @@ DEVICE ?= auto
 
 LATEST ?= build/venv-latest
 
-.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-scale gpu-check
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -43,3 +43,12 @@ bench-pipeline:
 # reduce the protocol, e.g. BENCH_ARGS="--nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-limit 8"
 bench-outliers:
 	$(PY) scripts/bench_outliers.py --device $(DEVICE) $(BENCH_ARGS)
+
+# Llama-3-8B shapes truncated to a few blocks, W4 QuantEase, plan vs measured (README "Scale"); BENCH_ARGS to change
+# the protocol, e.g. BENCH_ARGS="--blocks 3 --dtype float32"
+bench-scale:
+	$(PY) scripts/bench_scale.py --device $(DEVICE) $(BENCH_ARGS)
+
+# The prepared GPU check (README "Scale"): at most 8 minutes on one H100/H200
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -13,6 +13,7 @@ from .checkpoint.reload import is_quantized_checkpoint, load_quantized
 from .config import QuantConfig
 from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
+from .data.sources import load_text
 from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
 from .pipeline import check_model, open_model, quantize
@@ -24,12 +25,12 @@ __all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load"
 
 
 def plan(config: QuantConfig) -> Plan:
-    """The memory and disk plan of quantizing with `config`, from config.json and the safetensors headers only:
-    nothing is loaded. `plan.problem` says what does not fit and which option fixes it (None when all fits); disk is
+    """The memory and disk plan of quantizing with `config`, from config.json and the safetensors headers (and the
+    calibration text's length, which sizes its tokenization): no weight is read. `plan.problem` says what does not fit and which option fixes it (None when all fits); disk is
     checked where config.out goes (the current folder when it has none)."""
     _, device, lazy = open_model(config)
     check_model(lazy, config)
-    result = make_plan(lazy, config, device)
+    result = make_plan(lazy, config, device, len(load_text(config.calib, "calib")))
     short = check_disk(result, config.out or ".")
     result.problem = result.problem or short
     return result

@@ -47,7 +47,7 @@ from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, checkpoint_dtype, open_index, read_config, resolve_model_path
 from .models.registry import ArchSpec, FFNSpec
 from .plan import Plan, check_disk, make_plan
-from .resources import device_peak, peak_rss, reset_peaks, resolve_device, resolve_dtype
+from .resources import device_peak, peak_rss, reset_peaks, resolve_device, resolve_dtype, trim_host_memory
 from .solvers import GridSpec, SolveResult, get_solver
 from .solvers.base import Target, output_energy
 
@@ -337,6 +337,7 @@ class _Run:
         """The first block to quantize, its input hidden states (block 0's, or those a killed run saved) and, with the
         propagated target, the original model's (at block 0 the same tensors)."""
         t0 = time.perf_counter()
+        self.log["startup_peak_rss"] = peak_rss()  # imports, plan, tokenization: before any weight was read
         reset_peaks(self.device)
         self.lazy.load_outer(self.device)
         hidden, self.calls = capture_block_inputs(self.lazy.model, self.lazy.blocks,
@@ -352,7 +353,7 @@ class _Run:
             return 0, hidden, (hidden if self.config.target == "propagated" else None)
         del hidden
         start, self.layers, log, hidden, reference = saved
-        self.log = {**log, "plan": self.log["plan"]}
+        self.log = {**log, "plan": self.log["plan"], "startup_peak_rss": self.log["startup_peak_rss"]}
         self.log["resumed_at"].append(start)
         return start, self._store(hidden), self._store(reference)
 
@@ -374,6 +375,7 @@ class _Run:
                                 f"or use --device cpu") from None
         written = self.writer.write_shard(i, _block_tensors(self.lazy, i, result.records))
         self.lazy.unload_block(i)
+        trim_host_memory()  # the block's freed temporaries, before the next block's peak
         prefix = self.lazy.block_prefix(i)
         for name, rec in result.records.items():
             self.layers[prefix + name] = rec.info(self.config.grid(), self.config.method)
@@ -416,12 +418,14 @@ def quantize(
     started = time.perf_counter()
     path, device, lazy = open_model(config)
     check_model(lazy, config)
-    plan = make_plan(lazy, config, device)
+    text = load_text(config.calib, "calib")
+    plan = make_plan(lazy, config, device, len(text))
     if plan.problem:
         raise ResourceError(plan.problem)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
+    windows = calibration_windows(tokenize(AutoTokenizer.from_pretrained(path), text), config.nsamples,
                                   config.seqlen, config.seed)
+    del text
+    trim_host_memory()  # the tokenizer's freed buffers
     calib_sha = fingerprint(windows)
     fp = Fingerprint.of(path, calib_sha, _settings(config, lazy.dtype))
     out = Path(config.out)

@@ -41,6 +41,7 @@ __all__ = ["Plan", "Peak", "make_plan", "check_disk", "GiB"]
 
 GiB = 2**30
 _HEADROOM = 0.92  # plan to use at most this share of what is free: allocator fragmentation, CUDA context, kernels
+_TOKENIZE_BYTES_PER_CHAR = 150  # peak of a fast BPE tokenizer over the whole calibration text (SmolLM2's on PTB: 141)
 _JSON_PER_LAYER = 700  # quantease.json and the index per quantized linear (settings, errors, history, tensor names)
 
 
@@ -258,7 +259,8 @@ def _passes(blocks: list[_Block], config: QuantConfig) -> tuple[int, int]:
     return passes, partial
 
 
-def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, advise: bool = True) -> Plan:
+def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, text_chars: int = 0,
+              advise: bool = True) -> Plan:
     """The plan of quantizing `lazy` with `config` on `device`; with offload_activations="auto", the hidden states
     are offloaded exactly when they do not fit on a CUDA device (never on the CPU, where host and device are one).
     A plan that does not fit has `problem`: one line naming the option that makes it fit (`advise`)."""
@@ -269,6 +271,11 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, advise
     def plan(offload: bool) -> Plan:
         memory = _Memory(lazy, blocks, config, cuda, offload)
         dev = memory.device()
+        host = memory.host(dev, baseline)
+        tokenizing = baseline + _TOKENIZE_BYTES_PER_CHAR * text_chars
+        if tokenizing > host.bytes:
+            host = Peak(tokenizing, "tokenizing the calibration text",
+                        {"process": baseline, "tokenizer": tokenizing - baseline})
         n = len(blocks)
         saves = sum(1 for i in range(n - 1) if (i + 1) % config.resume_every == 0)
         passes, partial = _passes(blocks, config)
@@ -276,7 +283,7 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, advise
         checkpoint = sum(_layer_bytes(l, config) for l in layers) + sum(b.other_bytes for b in blocks) + \
             _outer_bytes(lazy) + _copied_bytes(lazy.folder) + _JSON_PER_LAYER * len(layers)
         return Plan(str(lazy.folder), str(device), str(lazy.dtype).removeprefix("torch."), offload, n,
-                    math.ceil(config.nsamples / config.calib_batch_size), dev, memory.host(dev, baseline), device_free,
+                    math.ceil(config.nsamples / config.calib_batch_size), dev, host, device_free,
                     host_free, checkpoint, memory.A * (2 if config.target == "propagated" else 1), saves, passes,
                     partial)
 
@@ -286,7 +293,7 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, advise
         result = plan(False)
         result = plan(True) if cuda and not result.fits() else result
     if advise and not result.fits():
-        result.problem = f"{result.shortfall()}; {_fix(lazy, config, device)}"
+        result.problem = f"{result.shortfall()}; {_fix(lazy, config, device, text_chars)}"
     return result
 
 
@@ -300,10 +307,11 @@ def _outer_bytes(lazy: LazyModel) -> int:
     return sum(math.prod(lazy.index.shape(k)) * lazy.index.dtype(k).itemsize for k in names)
 
 
-def _fix(lazy: LazyModel, config: QuantConfig, device: torch.device) -> str:
+def _fix(lazy: LazyModel, config: QuantConfig, device: torch.device, text_chars: int) -> str:
     """The first change that fits: offloading (CUDA), a smaller batch, fewer calibration windows."""
     def fits(**change) -> bool:
-        return make_plan(lazy, QuantConfig.from_dict({**config.to_dict(), **change}), device, advise=False).fits()
+        return make_plan(lazy, QuantConfig.from_dict({**config.to_dict(), **change}), device, text_chars,
+                         advise=False).fits()
 
     if device.type == "cuda" and config.offload_activations == "off" and fits(offload_activations="on"):
         return "use --offload-activations on (or auto)"

@@ -6,6 +6,8 @@ records per block in run.json (peak RSS of the process; on CUDA, torch's peak al
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from .errors import UsageError
 
 __all__ = ["DTYPES", "resolve_device", "resolve_dtype", "available_memory", "host_available", "rss", "peak_rss",
-           "reset_peaks", "device_peak"]
+           "reset_peaks", "device_peak", "trim_host_memory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROC = Path("/proc/self")
@@ -95,3 +97,20 @@ def device_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss()
+
+
+def _libc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_host_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). Memory freed in the
+    middle of the heap otherwise stays resident: 0.35 GB after tokenizing PTB's training text, and the freed
+    temporaries of every block."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
