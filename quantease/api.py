@@ -27,8 +27,9 @@ __all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load"
 def plan(config: QuantConfig) -> Plan:
     """The memory and disk plan of quantizing with `config`, from config.json and the safetensors headers (and the
     calibration text's length, which sizes its tokenization): no weight is read. `plan.problem` says what does not fit and which option fixes it (None when all fits); disk is
-    checked where config.out goes (the current folder when it has none)."""
-    _, device, lazy = open_model(config)
+    checked where config.out goes (the current folder when it has none). A CUDA device this machine lacks is
+    planned for without a fit check of its memory."""
+    _, device, lazy = open_model(config, planning=True)
     check_model(lazy, config)
     result = make_plan(lazy, config, device, len(load_text(config.calib, "calib")))
     short = check_disk(result, config.out or ".")

@@ -58,9 +58,10 @@ WeightSource = Callable[[str], torch.Tensor]  # linear name -> its original weig
 log = logging.getLogger("quantease")
 
 
-def open_model(config: QuantConfig) -> tuple[Path, torch.device, LazyModel]:
-    """The model folder, the compute device and the model's skeleton in the forward dtype; nothing is loaded."""
-    device = resolve_device(config.device)
+def open_model(config: QuantConfig, planning: bool = False) -> tuple[Path, torch.device, LazyModel]:
+    """The model folder, the compute device and the model's skeleton in the forward dtype; nothing is loaded.
+    `planning`: the device may be a GPU this machine lacks."""
+    device = resolve_device(config.device, planning)
     path = resolve_model_path(config.model, config.allow_pickle)
     stored = checkpoint_dtype(read_config(path), open_index(path))
     return path, device, LazyModel(path, resolve_dtype(config.dtype, device, stored))

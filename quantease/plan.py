@@ -1,24 +1,27 @@
 """The memory and disk plan of a quantization run, from config.json and the safetensors headers alone.
 
-Nothing is loaded: the shapes come from the model's skeleton on the meta device and the dtypes and sizes from the
-safetensors headers. With e the forward dtype's bytes, A = nsamples · seqlen · hidden · e one set of calibration
-hidden states and a = batch · seqlen · hidden · e one batch of it, the device holds at each phase of the run
+No weight is read: the shapes come from the model's skeleton on the meta device, the dtypes and sizes from the
+safetensors headers. With e the forward dtype's bytes, T = batch · seqlen tokens per batch, A = nsamples · seqlen ·
+hidden · e one set of calibration hidden states and a = T · hidden · e one batch of it, the device holds
 
-  capture   what runs the model up to block 0 (embeddings) + block 0's inputs (A) + 2a
-  Σ pass    one block (a second copy of its original weights with target=propagated)
+  capture   what runs the model up to block 0 (embeddings; an untied head is not loaded) + block 0's inputs (A) + 2a
+  Σ pass    one block (and a copy of its original weights with target=propagated)
             + the hidden states it reads (A; 2A with the propagated target's originals, + A with --no-propagate)
             + the stage's Gram accumulators (p² fp64 each, 3p² when paired with the original's inputs)
-            + one batch's forward workspace, batch · seqlen · e · max(3 I + 2 h, 6 h) (I: widest linear output)
-            + one batch's fp32 Gram product p² and its fp32 copy of the inputs when e < 4
+            + the larger of one batch's forward workspace, T · e · max(3 I + 2 h, 6 h) (I: widest linear output,
+              h: hidden), and of what the Gram hook holds: the batch's input T · p · e, its fp32 copy when e < 4
+              (three more with the originals' inputs and their difference), the fp32 product p²
   solve     block + hidden states + the layer's Σ (Δ and Σ_d too when paired) in fp32 + W [q, p] fp32 + what the
             solver allocates (its registered `workspace`, solvers/base.py) + the stage's later accumulators
-  output    block + hidden states in and out (2A; 4A with the propagated target)
+  output    block + hidden states in and out (2A; 4A with the propagated target) + the forward workspace
 Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps them
-all in pinned memory. The host holds the process as it is now (Python, torch, the skeleton), the offloaded hidden
-states and the largest host-only moment: the outer tensors read for the first shard, a block's tensors while they
-are read and converted, or the hidden states copied off the device for the resume state. On the CPU device and host
-are one memory. Disk: the checkpoint (the schema of checkpoint/native.py applied to every linear, other tensors as
-stored) and one resume state (A, 2A with the propagated target), twice that while a new one replaces the old.
+all in pinned memory. The host holds the process as it is when planning (Python, torch, the skeleton), the
+offloaded hidden states and the largest host-only moment: the outer tensors read for the first shard, a block tensor
+while it is read and converted, the hidden states copied off the device for the resume state, or tokenizing the
+calibration text (~150 bytes per character). On the CPU, device and host are one memory. Block forwards are passes
+of a block over every calibration batch (plan.passes_per_block). Disk: the checkpoint (checkpoint/native.py's
+schema for every linear, other tensors as stored, copied and json files) and one resume state (A, 2A with the
+propagated target), twice that while a new one replaces the old.
 """
 from __future__ import annotations
 
@@ -54,7 +57,6 @@ class _Layer:
     name: str
     q: int
     p: int
-    stored: int  # bytes per weight in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Plan:
     batches: int
     device_peak: Peak
     host_peak: Peak
-    device_free: int
+    device_free: int | None  # None: a CUDA device this machine does not have
     host_free: int
     checkpoint_bytes: int
     resume_bytes: int  # one resume state (the next block's inputs)
@@ -110,7 +112,8 @@ class Plan:
         return self.checkpoint_bytes + self.resume_saves * self.resume_bytes
 
     def _device_fits(self) -> bool:
-        return self.device == "cpu" or self.device_peak.bytes <= _HEADROOM * self.device_free
+        return self.device_free is None or self.device == "cpu" or \
+            self.device_peak.bytes <= _HEADROOM * self.device_free
 
     def fits(self) -> bool:
         return self._device_fits() and self.host_peak.bytes <= _HEADROOM * self.host_free
@@ -134,7 +137,8 @@ class Plan:
         rows.append(("host" if self.device != "cpu" else "host (= device)", self.host_peak, self.host_free))
         for label, peak, free in rows:
             parts = ", ".join(f"{k} {_gib(v)}" for k, v in peak.parts.items() if v)
-            lines.append(f"  {label:<15} peak {_gib(peak.bytes)} of {_gib(free)} free, at {peak.phase}: {parts}")
+            room = "(no such device here)" if free is None else f"of {_gib(free)} free"
+            lines.append(f"  {label:<15} peak {_gib(peak.bytes)} {room}, at {peak.phase}: {parts}")
         free = "" if self.disk_free is None else f"; {_gib(self.disk_free)} free"
         lines.append(f"  {'disk':<15} checkpoint {_gib(self.checkpoint_bytes)} + resume state "
                      f"{_gib(self.resume_bytes)} (twice that while replaced){free}; written over the run "
@@ -150,8 +154,7 @@ def _blocks(lazy: LazyModel, sequential: bool) -> list[_Block]:
     for i, block in enumerate(lazy.blocks):
         stored = {n.removeprefix(lazy.block_prefix(i)): lazy.index.dtype(k).itemsize
                   for n, k in lazy.block_tensor_names(i).items()}
-        stages = tuple(tuple(tuple(_Layer(n, *matrix_shape(block.get_submodule(n)), stored[f"{n}.weight"])
-                                   for n in group) for group in stage)
+        stages = tuple(tuple(tuple(_Layer(n, *matrix_shape(block.get_submodule(n))) for n in group) for group in stage)
                        for stage in lazy.arch.stages(block, sequential))
         linears = {f"{l.name}.weight" for st in stages for g in st for l in g}
         params = dict(block.named_parameters())
@@ -184,7 +187,7 @@ class _Memory:
     """The device and host peaks of one setting (the module docstring's phases)."""
 
     def __init__(self, lazy: LazyModel, blocks: list[_Block], config: QuantConfig, cuda: bool, offload: bool):
-        self.lazy, self.blocks, self.c, self.cuda, self.offload = lazy, blocks, config, cuda, offload
+        self.lazy, self.blocks, self.cuda, self.offload = lazy, blocks, cuda, offload
         self.e = torch.empty((), dtype=lazy.dtype).element_size()
         self.h = lazy.config.hidden_size
         self.tokens_b = min(config.calib_batch_size, config.nsamples) * config.seqlen
@@ -213,10 +216,12 @@ class _Memory:
         for stage in b.stages:
             ps = [g[0].p for g in stage]
             accs = [8 * p * p * gram for p in ps]
-            batch = 4 * max(ps) ** 2 + (4 * self.tokens_b * max(ps) * (3 if self.paired else 1) if self.e < 4 else 0)
-            peaks.append(Peak(weights + acts + sum(accs) + forward + batch, f"block {i} Σ of {stage[0][0].name}",
+            p = max(ps)
+            copies = (1 if self.e < 4 else 0) + (3 if self.paired else 0)
+            hook = self.tokens_b * p * (self.e * (2 if self.paired else 1) + 4 * copies) + 4 * p * p
+            peaks.append(Peak(weights + acts + sum(accs) + max(forward, hook), f"block {i} Σ of {stage[0][0].name}",
                               {"block": weights, "hidden states": acts, "Σ accumulators": sum(accs),
-                               "forward": forward + batch}))
+                               "forward": max(forward, hook)}))
             for k, group in enumerate(stage):
                 later = sum(accs[k + 1:])
                 for layer in group:

@@ -23,10 +23,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _PROC = Path("/proc/self")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, planning: bool = False) -> torch.device:
+    """The compute device; `planning` accepts a CUDA device this machine lacks (a plan made on a login node)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available() and not planning:
         raise UsageError(f"--device {device} asked for, but no CUDA device is available")
     return torch.device(device)
 
@@ -51,10 +52,11 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def available_memory(device: torch.device) -> int:
-    """Free bytes on the compute device (the host's available RAM for the CPU)."""
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the compute device (the host's available RAM for the CPU); None for a CUDA device this machine
+    does not have."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
     return host_available()
 
 

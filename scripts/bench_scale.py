@@ -23,10 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-FULL_BLOCKS = 32
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+SHAPES = {  # name -> (config fields, blocks of the full model)
+    "8b": (dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8), 32),
+    "70b": (dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8), 80),
+}
 GiB = 2**30
 
 
@@ -41,15 +43,15 @@ def _fill(shape: tuple[int, ...], seed: int, std: float = 0.02):
     return out
 
 
-def build_model(folder: Path, blocks: int) -> Path:
-    """The truncated Llama-3-8B-shaped model in `folder` (kept between runs when its config matches)."""
+def build_model(folder: Path, blocks: int, shape: str = "8b") -> Path:
+    """The truncated Llama-3-shaped model in `folder` (kept between runs when its config matches)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     from quantease.models.builtin import resolve_builtin
 
-    config = LlamaConfig(**LLAMA3_8B, num_hidden_layers=blocks, dtype="bfloat16")
+    config = LlamaConfig(**SHAPES[shape][0], num_hidden_layers=blocks, dtype="bfloat16")
     if (folder / "model.safetensors.index.json").exists() and \
             json.loads((folder / "config.json").read_text())["num_hidden_layers"] == blocks:
         return folder
@@ -133,27 +135,55 @@ def report(rows: list[dict], run: dict, checkpoint: int, cuda: bool, big: dict, 
           f"measured: startup (imports, tokenization) {_gib(run['startup_peak_rss'])} GiB, capture "
           f"{_gib(run['capture_peak_rss'])} GiB, blocks {_gib(max(r['peak_rss'] for r in rows))} GiB")
 
+    full = SHAPES[args.shape][1]
     per_block = {k: sum(r[k] for r in rows) / len(rows) for k in ("forward_s", "sigma_s", "solve_s")}
     scale = 128 * 2048 / (args.nsamples * args.seqlen)
     block_s = per_block["forward_s"] + per_block["sigma_s"] + per_block["solve_s"]
     big_block_s = scale * (per_block["forward_s"] + per_block["sigma_s"]) + per_block["solve_s"]
     per_block_disk = (checkpoint - run["outer_bytes"]) / len(rows)
     extrapolated = {
-        "run": {"tokens": args.nsamples * args.seqlen, "seconds": run["capture_s"] + FULL_BLOCKS * block_s,
+        "run": {"tokens": args.nsamples * args.seqlen, "seconds": run["capture_s"] + full * block_s,
                 "peak_host": plan["host_peak"]["bytes"], "peak_device": plan["device_peak"]["bytes"]},
-        "128x2048": {"tokens": 128 * 2048, "seconds": scale * run["capture_s"] + FULL_BLOCKS * big_block_s,
+        "128x2048": {"tokens": 128 * 2048, "seconds": scale * run["capture_s"] + full * big_block_s,
                      "peak_host": big["host_peak"]["bytes"], "peak_device": big["device_peak"]["bytes"],
                      "resume_state": big["resume_bytes"]},
-        "checkpoint": run["outer_bytes"] + FULL_BLOCKS * per_block_disk,
+        "checkpoint": run["outer_bytes"] + full * per_block_disk,
         "per_block": per_block,
     }
-    print(f"\n32 blocks: per block {per_block['forward_s']:.1f} s forwards + {per_block['sigma_s']:.1f} s Σ + "
+    print(f"\n{full} blocks: per block {per_block['forward_s']:.1f} s forwards + {per_block['sigma_s']:.1f} s Σ + "
           f"{per_block['solve_s']:.1f} s solves; at {args.nsamples} x {args.seqlen} tokens "
           f"{extrapolated['run']['seconds'] / 60:.1f} min; at 128 x 2048 "
           f"{extrapolated['128x2048']['seconds'] / 60:.1f} min (forwards and Σ x{scale:.0f}), plan's peak "
           f"{_gib(big['device_peak']['bytes'])} GiB device / {_gib(big['host_peak']['bytes'])} GiB host, resume "
           f"state {_gib(big['resume_bytes'])} GiB; checkpoint {_gib(extrapolated['checkpoint'])} GiB")
     return {"pairs": [{"quantity": n, "plan": p, "measured": m} for n, p, m in pairs], "extrapolated": extrapolated}
+
+
+def print_full_plans(model: Path, args: argparse.Namespace) -> None:
+    """The plan of the full-depth model: peaks are those of one block (all blocks are alike); disk, resume states and
+    forwards scale with the blocks."""
+    from quantease.api import QuantConfig, plan
+
+    full = SHAPES[args.shape][1]
+    for nsamples, seqlen in ((args.nsamples, args.seqlen), (128, 2048)):
+        for every in (1, 8):
+            p = plan(QuantConfig(model=str(model), nsamples=nsamples, seqlen=seqlen, calib_batch_size=args.batch_size,
+                                 dtype=args.dtype, device=args.device, resume_every=every))
+            per_block = (p.checkpoint_bytes - _outer(model)) / p.blocks
+            checkpoint = _outer(model) + full * per_block
+            saves = sum(1 for i in range(full - 1) if (i + 1) % every == 0)
+            print(f"{args.shape} x {full} blocks, {nsamples} x {seqlen}, {p.dtype}, --resume-every {every}: device "
+                  f"{_gib(p.device_peak.bytes)} GiB at {p.device_peak.phase}, host {_gib(p.host_peak.bytes)} GiB, "
+                  f"checkpoint {_gib(checkpoint)} GiB, resume state {_gib(p.resume_bytes)} GiB x {saves} = "
+                  f"{_gib(saves * p.resume_bytes)} GiB written ({_gib(saves * p.resume_bytes / full)} GiB per block), "
+                  f"{p.passes_per_block * full} block passes")
+        print(p.text())
+
+
+def _outer(model: Path) -> int:
+    """Bytes of the tensors outside the blocks (the embeddings and head shard)."""
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    return (model / index["lm_head.weight"]).stat().st_size
 
 
 def main() -> None:
@@ -165,6 +195,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="forward dtype (auto: float32 on CPU, the checkpoint's bf16 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench-scale")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="Llama-3-8B or -70B shapes")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print `quantease plan` for the full model at 128 x 2048 (and at this protocol); quantize nothing")
     args = p.parse_args()
 
     import torch
@@ -173,8 +206,11 @@ def main() -> None:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    model = build_model(out / f"llama3-8b-shapes-{args.blocks}", args.blocks)
+    model = build_model(out / f"llama3-{args.shape}-shapes-{args.blocks}", args.blocks, args.shape)
     print(f"model: {model} ({time.perf_counter() - t0:.0f} s to build or find); threads {torch.get_num_threads()}")
+    if args.plan_only:
+        print_full_plans(model, args)
+        return
     wall = quantize(model, out / "q", args)
     run = json.loads((out / "q" / "run.json").read_text())
     info = json.loads((out / "q" / "quantease.json").read_text())

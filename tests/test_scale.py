@@ -195,3 +195,31 @@ def test_plan_command_prints_every_line(tiny_llama, calib_file):
     assert "bfloat16 forwards" in res.output
     for label in ("host (= device)", "disk", "block forwards"):
         assert label in res.output
+
+
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
+def test_offload_on_cuda_lowers_the_peak_and_keeps_the_bytes(device, tiny_llama, calib_file, tmp_path):
+    files, peaks = {}, {}
+    for offload in ("off", "on"):
+        out = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "q"), bits=4, device=device,
+                                   offload_activations=offload, calib=str(calib_file), nsamples=32, seqlen=128,
+                                   calib_batch_size=4), progress=False)
+        run = json.loads((out / "run.json").read_text())
+        peaks[offload] = max(b["peak_device"] for b in run["blocks"])
+        files[offload] = checkpoint_files(out)
+        shutil.rmtree(out)
+    assert files["on"] == files["off"]
+    assert peaks["on"] < peaks["off"]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
+def test_plan_predicts_the_measured_gpu_peak(device, wide_block, calib_file, tmp_path):
+    """The device side of the plan against torch.cuda.max_memory_allocated, block and capture phases."""
+    out = quantize(QuantConfig(model=str(wide_block), out=str(tmp_path / "q"), device=device, dtype="bfloat16",
+                               calib=str(calib_file), nsamples=16, seqlen=512, calib_batch_size=16), progress=False)
+    run = json.loads((out / "run.json").read_text())
+    measured = max([run["capture_peak_device"]] + [b["peak_device"] for b in run["blocks"]])
+    assert measured == pytest.approx(run["plan"]["device_peak"]["bytes"], rel=0.25)
