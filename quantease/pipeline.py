@@ -367,6 +367,8 @@ class _Run:
         # solvers get the checkpoint's own weights whenever the block runs in a lower precision than fp32
         weights = None if self.lazy.dtype == torch.float32 else \
             (lambda name: self.lazy.original_weight(i, name, self.device))
+        calls: list[None] = []  # every call of the block's forward (a copy of the block keeps the hook)
+        counter = block.register_forward_pre_hook(lambda module, args: calls.append(None))
         try:
             inputs = BlockInputs(hidden, self.calls[i])
             result = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference, weights)
@@ -374,6 +376,8 @@ class _Run:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, use --offload-activations on, "
                                 f"or use --device cpu") from None
+        finally:
+            counter.remove()
         written = self.writer.write_shard(i, _block_tensors(self.lazy, i, result.records))
         self.lazy.unload_block(i)
         trim_host_memory()  # the block's freed temporaries, before the next block's peak
@@ -384,7 +388,8 @@ class _Run:
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
         last = i + 1 == len(self.lazy.blocks)
         stats = {"block": i, **{f"{k}_s": round(v, 3) for k, v in result.seconds.items()},
-                 "peak_rss": peak_rss(), "peak_device": device_peak(self.device), "shard_bytes": written}
+                 "passes": len(calls) / len(hidden), "peak_rss": peak_rss(), "peak_device": device_peak(self.device),
+                 "shard_bytes": written}
         self.log["blocks"].append(stats)
         if last or (i + 1) % self.config.resume_every == 0:  # --resume-every N: a kill redoes at most N - 1 blocks
             outputs = [] if last else result.outputs.host()

@@ -99,11 +99,14 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def block_rows(run: dict, layer_s: dict[str, float]) -> list[dict]:
+def block_rows(run: dict) -> list[dict]:
+    """Per block: run.json's split, each layer's solve, the rest of the block's time (loading, reading the fp32
+    weights, packing, writing) and the bytes written (shard and resume state)."""
     rows = []
-    for b in run["blocks"]:
+    for b, total in zip(run["blocks"], run["blocks_s"]):
         prefix = f"model.layers.{b['block']}."
-        rows.append({**b, "layers_s": {k.removeprefix(prefix): v for k, v in layer_s.items() if k.startswith(prefix)},
+        layers = {k.removeprefix(prefix): v for k, v in run["layer_s"].items() if k.startswith(prefix)}
+        rows.append({**b, "layers_s": layers, "other_s": total - b["forward_s"] - b["sigma_s"] - b["solve_s"],
                      "written": b["shard_bytes"] + b.get("resume_bytes", 0)})
     return rows
 
@@ -112,14 +115,14 @@ def report(rows: list[dict], run: dict, checkpoint: int, cuda: bool, big: dict, 
     plan = run["plan"]
     layers = list(rows[0]["layers_s"])
     short = [n.rpartition(".")[2] for n in layers]
-    print(f"| block | forwards s | Σ s | {' | '.join(short)} s | peak RSS GiB |"
+    print(f"| block | forwards s | Σ s | {' | '.join(short)} s | other s | peak RSS GiB |"
           f"{' peak GPU GiB |' if cuda else ''} written GiB |")
-    print("|---" * (5 + len(layers) + cuda) + "|")
+    print("|---" * (6 + len(layers) + cuda) + "|")
     for r in rows:
         gpu = f" {_gib(r['peak_device'])} |" if cuda else ""
         solves = " | ".join(f"{r['layers_s'][n]:.1f}" for n in layers)
-        print(f"| {r['block']} | {r['forward_s']:.1f} | {r['sigma_s']:.1f} | {solves} | {_gib(r['peak_rss'])} |{gpu} "
-              f"{_gib(r['written'])} |")
+        print(f"| {r['block']} | {r['forward_s']:.1f} | {r['sigma_s']:.1f} | {solves} | {r['other_s']:.1f} | "
+              f"{_gib(r['peak_rss'])} |{gpu} {_gib(r['written'])} |")
     device_measured = max([run["capture_peak_device"]] + [r["peak_device"] for r in rows])
     rss_measured = max([run["startup_peak_rss"], run["capture_peak_rss"]] + [r["peak_rss"] for r in rows])
     pairs = [("peak host RAM (RSS) GiB", plan["host_peak"]["bytes"], rss_measured)]
@@ -130,16 +133,18 @@ def report(rows: list[dict], run: dict, checkpoint: int, cuda: bool, big: dict, 
     print("\n| quantity | plan | measured | measured / plan |\n|---|---|---|---|")
     for name, p, m in pairs:
         print(f"| {name} | {_gib(p)} | {_gib(m)} | {m / p:.2f} |")
-    print(f"| block forwards | {plan['block_forwards']} | {plan['block_forwards']} | 1.00 |")
+    passes = sum(r["passes"] for r in rows)
+    print(f"| block forwards (passes over all batches) | {plan['block_forwards']} | {passes:g} | "
+          f"{passes / plan['block_forwards']:.2f} |")
     print(f"\nplan's peak: host at {plan['host_peak']['phase']}; device at {plan['device_peak']['phase']}; "
           f"measured: startup (imports, tokenization) {_gib(run['startup_peak_rss'])} GiB, capture "
           f"{_gib(run['capture_peak_rss'])} GiB, blocks {_gib(max(r['peak_rss'] for r in rows))} GiB")
 
     full = SHAPES[args.shape][1]
-    per_block = {k: sum(r[k] for r in rows) / len(rows) for k in ("forward_s", "sigma_s", "solve_s")}
+    per_block = {k: sum(r[k] for r in rows) / len(rows) for k in ("forward_s", "sigma_s", "solve_s", "other_s")}
     scale = 128 * 2048 / (args.nsamples * args.seqlen)
-    block_s = per_block["forward_s"] + per_block["sigma_s"] + per_block["solve_s"]
-    big_block_s = scale * (per_block["forward_s"] + per_block["sigma_s"]) + per_block["solve_s"]
+    block_s = sum(per_block.values())
+    big_block_s = scale * (per_block["forward_s"] + per_block["sigma_s"]) + per_block["solve_s"] + per_block["other_s"]
     per_block_disk = (checkpoint - run["outer_bytes"]) / len(rows)
     extrapolated = {
         "run": {"tokens": args.nsamples * args.seqlen, "seconds": run["capture_s"] + full * block_s,
@@ -151,7 +156,7 @@ def report(rows: list[dict], run: dict, checkpoint: int, cuda: bool, big: dict, 
         "per_block": per_block,
     }
     print(f"\n{full} blocks: per block {per_block['forward_s']:.1f} s forwards + {per_block['sigma_s']:.1f} s Σ + "
-          f"{per_block['solve_s']:.1f} s solves; at {args.nsamples} x {args.seqlen} tokens "
+          f"{per_block['solve_s']:.1f} s solves + {per_block['other_s']:.1f} s other; at {args.nsamples} x {args.seqlen} tokens "
           f"{extrapolated['run']['seconds'] / 60:.1f} min; at 128 x 2048 "
           f"{extrapolated['128x2048']['seconds'] / 60:.1f} min (forwards and Σ x{scale:.0f}), plan's peak "
           f"{_gib(big['device_peak']['bytes'])} GiB device / {_gib(big['host_peak']['bytes'])} GiB host, resume "
@@ -220,7 +225,7 @@ def main() -> None:
                            dtype=args.dtype, device=args.device)).to_dict()
     print(f"quantize: {wall:.0f} s wall, forward dtype {info['model']['forward_dtype']}, "
           f"{args.nsamples} x {args.seqlen} calibration tokens, batch {args.batch_size}, device {args.device}\n")
-    rows = block_rows(run, run["layer_s"])
+    rows = block_rows(run)
     summary = report(rows, run, checkpoint, args.device.startswith("cuda"), big, args)
     result = {"protocol": vars(args), "wall_s": wall, "blocks": rows, "plan": run["plan"],
               "capture_s": run["capture_s"], **summary}

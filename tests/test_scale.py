@@ -189,12 +189,23 @@ def test_impossible_plan_exits_with_the_option_that_fixes_it(tiny_llama, calib_f
 
 
 def test_plan_command_prints_every_line(tiny_llama, calib_file):
-    res = CliRunner().invoke(main, ["plan", str(tiny_llama), "--nsamples", "8", "--seqlen", "64", "--dtype",
-                                    "bfloat16", "--device", "cpu", "--resume-every", "2"])
+    res = CliRunner().invoke(main, ["plan", str(tiny_llama), "--calib", str(calib_file), "--nsamples", "8",
+                                    "--seqlen", "64", "--dtype", "bfloat16", "--device", "cpu", "--resume-every", "2"])
     assert res.exit_code == 0, res.output
     assert "bfloat16 forwards" in res.output
     for label in ("host (= device)", "disk", "block forwards"):
         assert label in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that this machine lacks")
+def test_a_gpu_run_can_be_planned_without_a_gpu(tiny_llama, calib_file):
+    """On a login node: the device's peak is printed (in the checkpoint's dtype, auto on CUDA), not checked."""
+    res = CliRunner().invoke(main, ["plan", str(tiny_llama), "--calib", str(calib_file), "--nsamples", "8",
+                                    "--seqlen", "64", "--device", "cuda"])
+    assert res.exit_code == 0, res.output
+    assert "on cuda, float32 forwards" in res.output and "(no such device here)" in res.output
+    res = CliRunner().invoke(main, ["quantize", str(tiny_llama), "--out", "unused", "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA device" in res.output
 
 
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
