@@ -4,7 +4,8 @@ DEVICE ?= auto
 
 LATEST ?= build/venv-latest
 
-.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers \
+	bench-scale gpu-check
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -53,3 +54,12 @@ $(PEERS)/bin/python:
 
 bench-peers: $(PEERS)/bin/python
 	$(PY) scripts/bench_peers.py --venv $(PEERS) $(BENCH_ARGS)
+
+# Llama-3-8B shapes truncated to a few blocks, W4 QuantEase, plan vs measured (README "Scale"); BENCH_ARGS to change
+# the protocol, e.g. BENCH_ARGS="--blocks 3 --dtype float32"
+bench-scale:
+	$(PY) scripts/bench_scale.py --device $(DEVICE) $(BENCH_ARGS)
+
+# The prepared GPU check (README "Scale"): at most 8 minutes on one H100/H200
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -15,12 +15,28 @@ from .data.windows import BOS_MODES, resolve_bos
 from .errors import UsageError
 from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
+from .data.sources import load_text
 from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
-from .pipeline import quantize, resolve_device
+from .pipeline import check_model, open_model, quantize
+from .plan import Plan, check_disk, make_plan
+from .resources import resolve_device
 
-__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "load_tokenizer", "check_bos", "evaluate",
-           "evaluate_perplexity", "evaluate_zeroshot", "results_path", "stored_results"]
+__all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load", "load_tokenizer", "check_bos",
+           "evaluate", "evaluate_perplexity", "evaluate_zeroshot", "results_path", "stored_results"]
+
+
+def plan(config: QuantConfig) -> Plan:
+    """The memory and disk plan of quantizing with `config`, from config.json and the safetensors headers (and the
+    calibration text's length, which sizes its tokenization): no weight is read. `plan.problem` says what does not fit and which option fixes it (None when all fits); disk is
+    checked where config.out goes (the current folder when it has none). A CUDA device this machine lacks is
+    planned for without a fit check of its memory."""
+    _, device, lazy = open_model(config, planning=True)
+    check_model(lazy, config)
+    result = make_plan(lazy, config, device, len(load_text(config.calib, "calib")))
+    short = check_disk(result, config.out or ".")
+    result.problem = result.problem or short
+    return result
 
 
 def load(model: str | Path, packed: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict | None]:

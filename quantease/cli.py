@@ -14,6 +14,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 from . import __version__
+from .config import FORWARD_DTYPES
 
 BOS_CHOICES = ["auto", "every", "first", "never"]  # data/windows.py BOS_MODES (not imported: it would load torch)
 
@@ -64,49 +65,88 @@ def main(ctx: click.Context, debug: bool) -> None:
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _settings_options(f):
+    """The options that make a QuantConfig, shared by `quantize` and `plan`."""
+    options = [
+        click.argument("model", default="smollm2-135m"),
+        click.option("--out", default="", type=click.Path(file_okay=False),
+                     help="Output folder (required here or in --config)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML recipe of settings (see configs/); options given on the command line override it."),
+        click.option("--method", default="quantease", show_default=True, help="Solver: quantease, gptq, rtn."),
+        click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8."),
+        click.option("--group-size", default=-1, show_default=True, type=int,
+                     help="Input columns per grid; -1: per channel."),
+        click.option("--sym/--asym", default=False, show_default=True,
+                     help="Symmetric grid (no zero point) or asymmetric."),
+        click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+                     help="Grid range: min-max, or searched to minimize the rounding error."),
+        click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+                     help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable)."),
+        click.option("--outliers", type=float, default=None,
+                     help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers "
+                     "(Ŵ = Q + H)."),
+        click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
+                     help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts "
+                     "columns)."),
+        click.option("--ffsplit", default=0.0, show_default=True, type=float,
+                     help="FFSplit: heavy-hitter neurons per FFN (fraction < 1, or a count) quantized with "
+                     "--heavy-bits."),
+        click.option("--heavy-bits", default=8, show_default=True, type=int,
+                     help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16."),
+        click.option("--calib", default="ptb", show_default=True,
+                     help="Calibration text: ptb, wiki, c4=PATH, or a file."),
+        click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
+                     help="BOS in each calibration window (and --ppl window): auto (every when the tokenizer adds a "
+                     "BOS itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole "
+                     "text, the GPTQ protocol), never."),
+        click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows."),
+        click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for choosing calibration windows."),
+        click.option("--batch-size", "calib_batch_size", default=4, show_default=True, type=int,
+                     help="Calibration windows per forward pass."),
+        click.option("--sequential/--no-sequential", default=True, show_default=True,
+                     help="Each group of linears sees the already-quantized earlier groups of its block."),
+        click.option("--propagate/--no-propagate", default=True, show_default=True,
+                     help="The next block sees the quantized block's outputs (else the original's)."),
+        click.option("--target", type=click.Choice(["layer", "propagated"]), default="layer", show_default=True,
+                     help="Layer objective ||WX - ŴX||², or the propagated one ||W X_fp - Ŵ X||² against the "
+                     "original model's inputs (one more block forward per block)."),
+        click.option("--alpha", default=1.0, show_default=True, type=float,
+                     help="Strength of --target propagated: the target input is X + alpha (X_fp - X)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", type=click.Choice(list(FORWARD_DTYPES)), default="auto", show_default=True,
+                     help="Dtype of block forwards and calibration activations: auto = the checkpoint's on CUDA, "
+                     "float32 on CPU. Weights given to solvers and Σ stay fp32."),
+        click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True, help="Keep calibration hidden states in pinned host memory, copying one "
+                     "batch at a time to the device: auto = when they do not fit on it. Results are identical."),
+        click.option("--resume-every", default=1, show_default=True, type=int,
+                     help="Write the resume state after every N-th block only (each is nsamples x seqlen x hidden "
+                     "activations); a rerun redoes at most N-1 blocks."),
+        click.option("--allow-pickle", is_flag=True, default=False,
+                     help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with "
+                     "weights_only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config_values(ctx: click.Context, config_file, options, outliers, outlier_structure, settings) -> dict:
+    """QuantConfig values: the recipe, then what was given on the command line, then the options' defaults."""
+    from .config import read_yaml
+
+    given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    recipe = read_yaml(config_file) if config_file else {}
+    values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
+    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
+                                **_outlier_options(values["method"], outliers, outlier_structure)}
+    return values
+
+
 @main.command(epilog=EXAMPLES_QUANTIZE)
-@click.argument("model", default="smollm2-135m")
-@click.option("--out", default="", type=click.Path(file_okay=False), help="Output folder (required here or in --config).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML recipe of settings (see configs/); options given on the command line override it.")
-@click.option("--method", default="quantease", show_default=True, help="Solver: quantease, gptq, rtn.")
-@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8.")
-@click.option("--group-size", default=-1, show_default=True, type=int, help="Input columns per grid; -1: per channel.")
-@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero point) or asymmetric.")
-@click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
-              help="Grid range: min-max, or searched to minimize the rounding error.")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable).")
-@click.option("--outliers", type=float, default=None,
-              help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers (Ŵ = Q + H).")
-@click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
-              help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts columns).")
-@click.option("--ffsplit", default=0.0, show_default=True, type=float,
-              help="FFSplit: heavy-hitter neurons per FFN (fraction < 1, or a count) quantized with --heavy-bits.")
-@click.option("--heavy-bits", default=8, show_default=True, type=int,
-              help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16.")
-@click.option("--calib", default="ptb", show_default=True, help="Calibration text: ptb, wiki, c4=PATH, or a file.")
-@click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
-              help="BOS in each calibration window (and --ppl window): auto (every when the tokenizer adds a BOS "
-              "itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole text, the "
-              "GPTQ protocol), never.")
-@click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows.")
-@click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for choosing calibration windows.")
-@click.option("--batch-size", "calib_batch_size", default=4, show_default=True, type=int,
-              help="Calibration windows per forward pass.")
-@click.option("--sequential/--no-sequential", default=True, show_default=True,
-              help="Each group of linears sees the already-quantized earlier groups of its block.")
-@click.option("--propagate/--no-propagate", default=True, show_default=True,
-              help="The next block sees the quantized block's outputs (else the original's).")
-@click.option("--target", type=click.Choice(["layer", "propagated"]), default="layer", show_default=True,
-              help="Layer objective ||WX - ŴX||², or the propagated one ||W X_fp - Ŵ X||² against the original "
-              "model's inputs (one more block forward per block).")
-@click.option("--alpha", default=1.0, show_default=True, type=float,
-              help="Strength of --target propagated: the target input is X + alpha (X_fp - X).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--allow-pickle", is_flag=True, default=False,
-              help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with weights_only).")
+@_settings_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
 @click.option("--format", "fmt", default="native", show_default=True,
@@ -128,18 +168,14 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
              ppl, ppl_seqlen, ppl_limit, ppl_bos, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
-    An interrupted run continues from its last finished block when the same command is run again.
+    An interrupted run continues from its last finished block when the same command is run again. The memory and
+    disk plan (`quantease plan`) is checked first.
     """
     from . import api
-    from .config import read_yaml
     from .errors import UsageError
     from .report import print_layers_summary
 
-    given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    recipe = read_yaml(config_file) if config_file else {}
-    values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
-    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
-                                **_outlier_options(values["method"], outliers, outlier_structure)}
+    values = _config_values(ctx, config_file, options, outliers, outlier_structure, settings)
     config = api.QuantConfig.from_dict(values)
     # baselines: the same settings but the method (its own options dropped), all checked before any work
     if compare and not config.out:
@@ -169,6 +205,31 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
     if ppl:
         _print_ppl([config.model, *map(str, others), str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device,
                    quiet, bos=ppl_bos or config.bos)
+
+
+EXAMPLES_PLAN = """
+\b
+Examples:
+  quantease plan ./Llama-3-70B --bits 4 --group-size 128 --device cuda --out out/l3-70b-w4
+  quantease plan smollm2-135m --nsamples 128 --seqlen 2048 --dtype bfloat16
+"""
+
+
+@main.command("plan", epilog=EXAMPLES_PLAN)
+@_settings_options
+@click.pass_context
+def plan_cmd(ctx, config_file, options, outliers, outlier_structure, **settings) -> None:
+    """Print the memory and disk plan of `quantease quantize MODEL` with the same options: peak device memory,
+    host RAM, disk for the checkpoint and the resume state, and block forwards. Reads only config.json and the
+    safetensors headers. Exit 8, naming the option that fixes it, when it does not fit."""
+    from . import api
+    from .errors import ResourceError
+
+    plan = api.plan(api.QuantConfig.from_dict(_config_values(ctx, config_file, options, outliers, outlier_structure,
+                                                             settings)))
+    click.echo(plan.text())
+    if plan.problem:
+        raise ResourceError(plan.problem)
 
 
 def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:

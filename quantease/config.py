@@ -11,7 +11,9 @@ from .data.windows import BOS_MODES
 from .errors import UsageError
 from .solvers import GridSpec, get_solver
 
-__all__ = ["QuantConfig", "read_yaml"]
+__all__ = ["QuantConfig", "read_yaml", "FORWARD_DTYPES"]
+
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,6 +39,9 @@ class QuantConfig:
     target: str = "layer"  # "layer": ||W X - Ŵ X||²; "propagated": ||W X_α - Ŵ X||², X_α toward the original's inputs
     alpha: float = 1.0  # strength of the propagated target: X_α = X + α (X_fp - X)
     device: str = "auto"
+    dtype: str = "auto"  # block forwards and stored activations: auto (checkpoint's on CUDA, float32 on CPU) or a name
+    offload_activations: str = "auto"  # calibration hidden states in host memory: auto (when they do not fit), on, off
+    resume_every: int = 1  # write the resume state after every N-th block (and the last)
     allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
     def __post_init__(self) -> None:
@@ -52,7 +57,11 @@ class QuantConfig:
             raise UsageError(f"ffsplit must be a fraction in [0, 1) or a whole count of neurons, got {self.ffsplit}")
         if not (2 <= self.heavy_bits <= 8 or self.heavy_bits == 16):
             raise UsageError(f"heavy_bits must be in 2..8, or 16 for full precision, got {self.heavy_bits}")
-        for name in ("nsamples", "seqlen", "calib_batch_size"):
+        if self.dtype not in FORWARD_DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.dtype!r}")
+        if self.offload_activations not in ("auto", "on", "off"):
+            raise UsageError(f"offload_activations must be auto, on or off, got {self.offload_activations!r}")
+        for name in ("nsamples", "seqlen", "calib_batch_size", "resume_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.bos not in BOS_MODES:

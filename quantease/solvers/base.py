@@ -35,7 +35,11 @@ __all__ = [
     "solver_names",
     "layer_loss",
     "output_energy",
+    "quadratic",
+    "loss_workspace",
 ]
+
+_SLAB = 1024  # columns of Σ converted to fp64 at a time by `quadratic`
 
 
 OUTLIER_STRUCTURES = ("unstructured", "column")
@@ -55,8 +59,7 @@ class Target:
 
     def constant(self, W: torch.Tensor) -> float:
         """α² tr(W Σ_d Wᵀ), in fp64: the error left when Ŵ = W."""
-        Wd = W.double()
-        return self.alpha**2 * float(((Wd @ self.sigma_d.double()) * Wd).sum())
+        return self.alpha**2 * quadratic(W, self.sigma_d)
 
     def restrict(self, index: torch.Tensor) -> "Target":
         """The statistics of the inputs `index` only (a layer split by input columns)."""
@@ -133,12 +136,29 @@ class StackedSolveFn(Protocol):
                  target: Target | None = None) -> list[SolveResult]: ...
 
 
+# (q, p, options, propagated target?) -> peak bytes the solver allocates beyond its inputs W [q, p] and Σ (and Δ, Σ_d)
+Workspace = Callable[[int, int, Any, bool], int]
+
+
+def loss_workspace(q: int, p: int) -> int:
+    """Bytes `layer_loss` allocates: E [q, p] fp32 and fp64, then per slab of w = min(p, 1024) columns Σ's slab
+    [p, w] and E Σ's [q, w] in fp64."""
+    w = min(p, _SLAB)
+    return 12 * q * p + 8 * w * (p + q)
+
+
+def _generic_workspace(q: int, p: int, options: Any, target: bool) -> int:
+    """For a solver that declares none: four [p, p] and twelve [q, p] fp32 matrices (QuantEase's order of size)."""
+    return 16 * p * p + 48 * q * p
+
+
 @dataclass
 class SolverEntry:
     name: str
     solve: SolveFn
     options: type  # frozen dataclass of the solver's own options
     requires_calibration: bool
+    workspace: Workspace = _generic_workspace  # what the memory plan (plan.py) reserves for one solve
     solve_stacked: StackedSolveFn | None = None  # several layers on one Σ at once; same results as one by one
 
     def solve_group(self, Ws: list[torch.Tensor], sigma: torch.Tensor | None, spec: GridSpec, options: Any,
@@ -166,13 +186,14 @@ class SolverEntry:
 _SOLVERS: dict[str, SolverEntry] = {}
 
 
-def register_solver(name: str, options: type, requires_calibration: bool = True) -> Callable[[SolveFn], SolveFn]:
-    """Register `solve` under `name`, the string written to quantease.json."""
+def register_solver(name: str, options: type, requires_calibration: bool = True,
+                    workspace: Workspace = _generic_workspace) -> Callable[[SolveFn], SolveFn]:
+    """Register `solve` under `name`, the string written to quantease.json; `workspace` estimates its peak memory."""
 
     def wrap(fn: SolveFn) -> SolveFn:
         if name in _SOLVERS:
             raise RuntimeError(f"solver {name!r} registered twice")
-        _SOLVERS[name] = SolverEntry(name, fn, options, requires_calibration)
+        _SOLVERS[name] = SolverEntry(name, fn, options, requires_calibration, workspace)
         return fn
 
     return wrap
@@ -216,21 +237,28 @@ def solver_names() -> list[str]:
     return sorted(_SOLVERS)
 
 
+def quadratic(A: torch.Tensor, S: torch.Tensor) -> float:
+    """tr(A S Aᵀ) for A [q, p] and S [p, p], in fp64, converting a slab of S's columns at a time: an fp64 copy of a
+    14336-wide Σ would be 1.6 GB, the largest tensor of the solve."""
+    Ad = A.double()  # [q, p]
+    return sum(float((Ad @ S[:, j:j + _SLAB].double()).mul_(Ad[:, j:j + _SLAB]).sum())
+               for j in range(0, S.shape[1], _SLAB))
+
+
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
     """f(Ŵ) = tr(E Σ Eᵀ), E = Ŵ - W, accumulated in fp64 for a faithful report; with a propagated target,
     f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ) = ||W X_α - Ŵ X||² / N."""
-    E = (W_hat - W).double()
-    f = float(((E @ sigma.double()) * E).sum())
+    E = W_hat - W
+    f = quadratic(E, sigma)
     if target is None:
         return f
-    return f - 2 * float((E * target.shift(W).double()).sum()) + target.constant(W)
+    return f - 2 * float((E.double() * target.shift(W).double()).sum()) + target.constant(W)
 
 
 def output_energy(W: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
     """||W X_α||² / N = tr(W Σ Wᵀ) + 2α tr(W Δ Wᵀ) + α² tr(W Σ_d Wᵀ), in fp64: what a relative error is relative to
     (tr(W Σ Wᵀ) for the layer objective)."""
-    Wd = W.double()
-    energy = float(((Wd @ sigma.double()) * Wd).sum())
+    energy = quadratic(W, sigma)
     if target is None:
         return energy
-    return energy + 2 * float((target.shift(W).double() * Wd).sum()) + target.constant(W)
+    return energy + 2 * float((target.shift(W).double() * W.double()).sum()) + target.constant(W)

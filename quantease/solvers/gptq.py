@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError, UsageError
-from .base import QuantizedWeight, SolveResult, Target, layer_loss, register_solver, register_stacked, split_stacked
+from .base import (QuantizedWeight, SolveResult, Target, layer_loss, loss_workspace, register_solver, register_stacked,
+                   split_stacked)
 from .grid import Grid, GridSpec, fit_grid
 
-__all__ = ["GPTQOptions", "check_layer", "solve", "solve_stacked"]
+__all__ = ["GPTQOptions", "check_layer", "solve", "solve_stacked", "workspace"]
 
 _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 
@@ -56,16 +57,21 @@ def check_layer(W: torch.Tensor, sigma: torch.Tensor | None) -> None:
 def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, str | None]:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x damping on failure.
 
-    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids)."""
-    p = H.shape[0]
-    eye = torch.eye(p, device=H.device)  # [p, p]
+    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids).
+    At most three [p, p] matrices besides H are alive at once (the damped copy or L, then L⁻ᵀL⁻¹, then U)."""
     mean_diag = float(torch.diagonal(H).mean())
     tried = []
     for _ in range(retries + 1):
         tried.append(damp)
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)  # [p, p] lower
+        Hd = H.clone()  # [p, p]
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)  # [p, p] lower
+        del Hd
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [p, p] upper
+            Hinv = torch.cholesky_inverse(L)  # [p, p]
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [p, p] upper
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 note = None if len(tried) == 1 else f"gptq: Cholesky failed with damp={tried[0]:g}, used damp={damp:g}"
                 return U, note
@@ -112,7 +118,16 @@ def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, 
     return codes
 
 
-@register_solver("gptq", GPTQOptions)
+def workspace(q: int, p: int, options: GPTQOptions, target: bool) -> int:
+    """The larger of the factorization (four [p, p] fp32: H, its damped copy, LAPACK's working copy and the factor,
+    with four [q, p]: W, its permuted copy, Wᵀ and the codes; measured 3.8 [p, p] on the CPU) and the loss (Ŵ,
+    uint8 codes and `loss_workspace`); a propagated target adds W̃'s two [q, p] temporaries."""
+    factor = 16 * p * p + 16 * q * p
+    loss = 5 * q * p + loss_workspace(q, p)
+    return max(factor, loss) + (8 * q * p if target else 0)
+
+
+@register_solver("gptq", GPTQOptions, workspace=workspace)
 @torch.no_grad()
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: GPTQOptions = GPTQOptions(),
           target: Target | None = None) -> SolveResult:
@@ -141,19 +156,26 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
         scale_t, zero_t = grid.scale.t().contiguous(), grid.zero.t().contiguous()  # [G, q]
         gpos = grid.g_idx[perm].tolist()
 
-    U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
+    H = H[perm][:, perm] if options.act_order else H  # [p, p] processing order
+    U, note = _inverse_cholesky(H, options.damp, options.max_damp_retries)  # [p, p]
+    del H
     Wp = W[:, perm]  # [q, p] processing order
+    del W
     if U is None:
-        U = torch.eye(p, device=W.device)
+        U = torch.eye(p, device=Wp.device)
     elif target is not None:  # W̃ = W + α W Δ H⁻¹, H⁻¹ = UᵀU
         Wp = Wp + (target.shift(W_orig)[:, perm] @ U.t()) @ U
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
-    codes = _quantize_columns(Wp.t().contiguous(), U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
+    Wt = Wp.t().contiguous()  # [p, q]
+    del Wp
+    codes = _quantize_columns(Wt, U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
+    del Wt, U  # only what the loss needs stays: at most [p, p] Σ and a few [q, p]
 
-    g_idx = torch.empty(p, dtype=torch.long, device=W.device)
-    g_idx[perm] = torch.tensor(gpos, device=W.device)
+    g_idx = torch.empty(p, dtype=torch.long, device=codes.device)
+    g_idx[perm] = torch.tensor(gpos, device=codes.device)
     grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq)
     qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
+    del codes
     loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ
     return SolveResult(qw, loss, [loss], [note] if note else [])
 

@@ -32,9 +32,10 @@ from ..errors import UsageError
 from . import cd_kernel
 from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
+from .gptq import workspace as gptq_workspace
 from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "solve_stacked", "sweep_flops", "cd_sweep", "refit_grid"]
+__all__ = ["QuantEaseOptions", "solve", "solve_stacked", "sweep_flops", "cd_sweep", "refit_grid", "workspace"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -236,25 +237,24 @@ class _Problem:
     def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None,
                  segments: list[slice]):
         d = torch.diagonal(Sigma)  # [p]
-        p = W.shape[1]
-        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(p, device=W.device)
-        self.inv = torch.argsort(self.perm)
-        self.Wt = W[:, self.perm].t().contiguous()  # [p, q]
-        self.Sigma, d = Sigma[self.perm][:, self.perm], d[self.perm]
+        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else None
+        self.inv = None if self.perm is None else torch.argsort(self.perm)
+        self.Wt = self.layout(W)  # [p, q]
+        self.Sigma, d = (Sigma, d) if self.perm is None else (Sigma[self.perm][:, self.perm], d[self.perm])
         self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
         self.lam = options.damp * float(d.mean())
         self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
-        self.Bt = None if target is None else target.shift(W)[:, self.perm].t().contiguous()  # [p, q]
+        self.Bt = None if target is None else self.layout(target.shift(W))  # [p, q]
         self.segments = tuple(segments)
         self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
         self.options = options
 
     def layout(self, X: torch.Tensor) -> torch.Tensor:
         """[q, p] original order -> [p, q] working layout."""
-        return X[:, self.perm].t().contiguous()
+        return (X if self.perm is None else X[:, self.perm]).t().contiguous()
 
     def original(self, Xt: torch.Tensor) -> torch.Tensor:
-        return Xt.t()[:, self.inv]
+        return Xt.t().contiguous() if self.inv is None else Xt.t()[:, self.inv]
 
     def use_grid(self, grid: Grid) -> None:
         self.grid = grid
@@ -311,7 +311,16 @@ class _Problem:
         self.descend(Qt, fs, bests, histories)
 
 
-@register_solver("quantease", QuantEaseOptions)
+def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
+    """The larger of the GPTQ initialization's and the CD sweeps' working set: ten and a half [q, p] fp32 (Wᵀ, the
+    grid's scale and zero columns, the iterate, the best one, the residual G and the next residual with its D,
+    measured on the CPU); a propagated target adds its shift [q, p], outliers the dense H and gradient."""
+    init = gptq_workspace(q, p, GPTQOptions(), target) if options.init == "gptq" else 0
+    cd = 42 * q * p + (4 * q * p if target else 0)
+    return max(init, cd) + (8 * q * p if options.outliers > 0 else 0)
+
+
+@register_solver("quantease", QuantEaseOptions, workspace=workspace)
 @torch.no_grad()
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
           options: QuantEaseOptions = QuantEaseOptions(), target: Target | None = None) -> SolveResult:
@@ -351,11 +360,13 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     prob = _Problem(W, Sigma, options, target, segments)
     prob.use_grid(grid)
     Qt = prob.layout(Q)
+    del Q
     Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
     start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
     fs = prob.residual(start)[1]
     histories = [[f] for f in fs]
     bests = [_Best(f, start[:, s].clone(), grid) for f, s in zip(fs, segments)]
+    del start
     from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
     if options.relax_sweeps:
         Gt, _ = prob.residual(Qt)
@@ -366,10 +377,11 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     for _ in range(options.refit):
         prob.refit(W, Sigma, bests, spec.sym, target, histories)
 
+    finals = [(prob.original(b.Qt), _rows(b.grid, s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
+    del prob, Qt, bests  # the working layout ([p, q] W, iterates, grid columns) before the losses are measured
     results = []
-    for k, (w, s) in enumerate(zip(Ws, segments)):
-        W_hat, grid = prob.original(bests[k].Qt), _rows(bests[k].grid, s)  # [q_s, p] original column order
+    for w, (W_hat, grid), history in zip(Ws, finals, histories):
         qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
         assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
-        results.append(SolveResult(qw, layer_loss(w.float(), W_hat, sigma, target), histories[k], list(notes)))
+        results.append(SolveResult(qw, layer_loss(w.float(), W_hat, sigma, target), history, list(notes)))
     return results

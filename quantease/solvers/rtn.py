@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import QuantizedWeight, SolveResult, Target, layer_loss, register_solver
+from .base import QuantizedWeight, SolveResult, Target, layer_loss, loss_workspace, register_solver
 from .grid import GridSpec, fit_grid
 
-__all__ = ["RTNOptions", "solve"]
+__all__ = ["RTNOptions", "solve", "workspace"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,12 @@ class RTNOptions:
     pass
 
 
-@register_solver("rtn", RTNOptions, requires_calibration=False)
+def workspace(q: int, p: int, options: RTNOptions, target: bool) -> int:
+    """Ŵ [q, p] fp32 and the uint8 codes, then the loss's."""
+    return 5 * q * p + loss_workspace(q, p)
+
+
+@register_solver("rtn", RTNOptions, requires_calibration=False, workspace=workspace)
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: RTNOptions = RTNOptions(),
           target: Target | None = None) -> SolveResult:
     """W rounded on its own grid whatever the target; the loss is measured against the target."""
