@@ -56,8 +56,8 @@ class Outliers:
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · (codes[i, j] - zero[i, g(j)]),
-    plus the sparse fp16 outliers H when present (Ŵ = Q + H)."""
+    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · codes[i, j] - offset[i, g(j)]
+    (offset = scale · zero for integer zero points), plus the sparse fp16 outliers H when present (Ŵ = Q + H)."""
 
     codes: torch.Tensor  # [q, p] uint8
     grid: Grid
@@ -65,10 +65,11 @@ class QuantizedWeight:
     group_size: int  # -1: per channel
     sym: bool
     outliers: Outliers | None = None
+    gguf: str = ""  # the GGUF type whose grid it is (GridSpec.gguf), "" for integer zero points
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, grid: Grid, spec: GridSpec) -> "QuantizedWeight":
-        return cls(codes.to(torch.uint8), grid, spec.bits, spec.group_size, spec.sym)
+        return cls(codes.to(torch.uint8), grid, spec.bits, spec.group_size, spec.sym, gguf=spec.gguf)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -87,10 +87,11 @@ def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: floa
 
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
-           zt: torch.Tensor, maxq: int, block_size: int, relaxed: bool) -> None:
+           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool) -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
     each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ on entry and is consumed.
-    dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. In block i1:i2, new rows N₁, old Q₁, Σ₁:
+    dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
+    In block i1:i2, new rows N₁, old Q₁, Σ₁:
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
         V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec)."""
     p = Qt.shape[0]
@@ -102,16 +103,16 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         d1 = dinv[i1:i2, None]  # [B, 1]
         V1 = Q1 - d1 * (Gt[i1:i2] - torch.tril(S1, -1) @ Q1)  # [B, q]
         N1 = Q1.clone()  # [B, q] new rows
-        s1, z1 = st[i1:i2], zt[i1:i2]  # [B, q]
+        s1, z1, o1 = st[i1:i2], zt[i1:i2], ot[i1:i2]  # [B, q]
         for i in range(i2 - i1):
             if dinv_list[i1 + i] == 0:
                 continue
             u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv_list[i1 + i])  # [q] real minimizer
             if relaxed:
-                torch.clamp(u, -s1[i] * z1[i], s1[i] * (maxq - z1[i]), out=N1[i])
-            else:  # nearest grid point; Ŵ = s (c - z) exactly as Grid.dequantize computes it
+                torch.clamp(u, -o1[i], s1[i] * maxq - o1[i], out=N1[i])
+            else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
                 c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
-                torch.mul(c.sub_(z1[i]), s1[i], out=N1[i])
+                torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], N1 - Q1)  # later columns see this block's change
         Qt[i1:i2] = N1
 
@@ -122,11 +123,12 @@ def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, 
     for f(Q) = tr((Q - T) Σ (Q - T)ᵀ). Returns the new Q [q, p]; dead inputs keep their entries."""
     Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
     st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
+    ot = grid.column_shifts().t().contiguous()  # [p, q]
     d = torch.diagonal(sigma)
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
     Gt, _ = _residual(Qt, Tt, sigma, lam)
-    _sweep(Qt, Gt, sigma, dinv, st, zt, grid.maxq, block_size, relaxed=False)
+    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False)
     return Qt.t()
 
 
@@ -160,12 +162,13 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
     inv = torch.argsort(perm)
     Wt, Qt, Sigma, d = W[:, perm].t().contiguous(), Q[:, perm].t().contiguous(), Sigma[perm][:, perm], d[perm]
     st, zt = (x.t().contiguous() for x in grid.columns(perm))  # [p, q] each column's grid travels with it
+    ot = grid.column_shifts(perm).t().contiguous()  # [p, q]
     live = d > _DEAD * d.mean().clamp(min=0)
     lam = options.damp * float(d.mean())
     dinv = torch.where(live, 1 / (d + lam), torch.zeros_like(d))  # [p]
 
     def on_grid(Xt: torch.Tensor) -> torch.Tensor:
-        return st * (torch.clamp(torch.round(Xt / st) + zt, 0, grid.maxq) - zt)
+        return grid.nearest(Xt, st, zt) * st - ot
 
     Qt[~live] = on_grid(Qt)[~live]  # dead inputs: nearest grid point, never updated
     best = on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
@@ -174,10 +177,10 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
     # f of the quantized iterate the next sweep starts from (None: it starts from W or a relaxed iterate)
     prev: float | None = history[0] if options.init == "gptq" and not options.relax_sweeps else None
     for _ in range(options.relax_sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, grid.maxq, options.block_size, relaxed=True)
+        _sweep(Qt, Gt, Sigma, dinv, st, zt, ot, grid.maxq, options.block_size, relaxed=True)
         Gt, _ = _residual(Qt, Wt, Sigma, lam)
     for _ in range(options.sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, grid.maxq, options.block_size, relaxed=False)
+        _sweep(Qt, Gt, Sigma, dinv, st, zt, ot, grid.maxq, options.block_size, relaxed=False)
         Gt, f = _residual(Qt, Wt, Sigma, lam)
         if f < min(history):
             best = Qt.clone()
