@@ -4,7 +4,7 @@
         load block i  ->  for each group of linears (data-flow order): Σ of its input -> solve each linear -> Ŵ in place
         ->  run the quantized block to get block i+1's inputs  ->  write block i's shard and the resume state
         ->  unload block i
-    ->  index, config, quantease.json, manifest (last)
+    ->  index, config, quantease.json, model card (README.md), manifest (last)
 
 The driver knows solvers only through the registry entry (name, options), never by type. A rerun of the same
 command continues after the last finished block (see checkpoint/resume.py).
@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__
-from .checkpoint.native import FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, CheckpointWriter, effective_bits, encode
+from .checkpoint.model_card import card_text
+from .checkpoint.native import (CARD, FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, CheckpointWriter, effective_bits,
+                                encode)
 from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
 from .data.sources import load_text
@@ -61,16 +63,20 @@ class LayerRecord:
     seconds: float
     tensors: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)  # entry fields that replace or add to the result's (FFSplit)
+    spec: GridSpec | None = None  # the layer's own grid when it is not the run's (a GGUF K-quant's fallback type)
 
     def info(self, spec: GridSpec, method: str) -> dict[str, Any]:
         r = self.result
         q, p = r.weight.shape
+        spec = self.spec or spec
         info = {
             "out_features": q, "in_features": p, "bits": spec.bits, "group_size": spec.group_size,
             "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method,
             "loss": r.loss, "rel_error": r.loss / self.reference if self.reference > 0 else 0.0,
             "history": r.history, "notes": r.notes, "bits_per_weight": effective_bits(self.tensors, q, p),
         }
+        if spec.gguf:
+            info["gguf"] = spec.gguf
         if r.weight.outliers is not None:
             info["outliers"] = {"structure": r.weight.outliers.structure, "count": r.weight.outliers.count}
         if self.extra:  # a split layer: shape and loss of the whole layer, bits counted over all its tensors
@@ -99,15 +105,15 @@ def _solve_layer(module: torch.nn.Module, sigma: torch.Tensor | None, name: str,
     method = config.method if fallback is None and sigma is not None else "rtn"
     entry = get_solver(method)
     options = config.solver_options() if method == config.method else entry.make_options()
-    result = entry.solve(W, sigma, config.grid(), options)
+    spec, other_grid = config.grid_spec().for_columns(W.shape[1])
+    result = entry.solve(W, sigma, spec, options)
     if sigma is None:  # no token reached the layer: nothing to measure its error on
         result.loss, result.history = 0.0, [0.0]
-    if fallback:
-        result.notes.append(fallback)
+    result.notes += [n for n in (other_grid, fallback) if n]
     seconds = time.perf_counter() - start
     set_weight_matrix(module, result.weight.dequantize())
     reference = 0.0 if sigma is None else _output_energy(W, sigma)
-    return LayerRecord(result, reference, seconds, encode(result.weight))
+    return LayerRecord(result, reference, seconds, encode(result.weight), spec=spec if other_grid else None)
 
 
 def _starved(arch: ArchSpec, name: str, module: torch.nn.Module, tokens: int, method: str) -> str | None:
@@ -195,8 +201,9 @@ def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
     """Fail before any work if the group size does not divide some layer's input size."""
     for block in lazy.blocks:
         for name in lazy.arch.block_linears(block):
+            p = matrix_shape(block.get_submodule(name))[1]
             try:
-                spec.groups(matrix_shape(block.get_submodule(name))[1])
+                spec.for_columns(p)[0].groups(p)
             except ValueError as e:
                 raise UsageError(f"{e} (layer {name})") from None
 
@@ -295,7 +302,7 @@ class _Run:
         self.lazy.unload_block(i)
         prefix = self.lazy.block_prefix(i)
         for name, rec in records.items():
-            self.layers[prefix + name] = rec.info(self.config.grid(), self.config.method)
+            self.layers[prefix + name] = rec.info(self.config.grid_spec(), self.config.method)
             self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
         last = i + 1 == len(self.lazy.blocks)
@@ -310,7 +317,11 @@ class _Run:
         model_config = json.loads((model_path / "config.json").read_text())
         c = self.config
         model_config["quantization_config"] = {"quant_method": "quantease", "bits": c.bits, "group_size": c.group_size}
-        self.writer.finalize(model_config, _info(c, self.lazy, model_path, calib_sha, fp, self.layers))
+        info = _info(c, self.lazy, model_path, calib_sha, fp, self.layers)
+        files = ["config.json", "model-outer.safetensors", f"model-block-00000 .. {len(self.lazy.blocks) - 1:05d}"
+                 ".safetensors", "quantease.json (settings, per-layer errors)", "manifest.json"]
+        self.writer.write_text(CARD, card_text(info, model_config, "native", files))
+        self.writer.finalize(model_config, info)
         self.resume.clear()
 
 
@@ -328,7 +339,7 @@ def quantize(
     device = resolve_device(config.device)
     path = resolve_model_path(config.model, config.allow_pickle)
     lazy = LazyModel(path)
-    _check_shapes(lazy, config.grid())
+    _check_shapes(lazy, config.grid_spec())
     _check_ffsplit(lazy, config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration_windows(tokenize(tokenizer, load_text(config.calib, "calib")), config.nsamples,
