@@ -4,7 +4,7 @@ DEVICE ?= auto
 
 LATEST ?= build/venv-latest
 
-.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-gguf
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -43,3 +43,7 @@ bench-pipeline:
 # reduce the protocol, e.g. BENCH_ARGS="--nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-limit 8"
 bench-outliers:
 	$(PY) scripts/bench_outliers.py --device $(DEVICE) $(BENCH_ARGS)
+
+# GGUF exports of the default model read back by transformers' GGUF reader (README "GGUF"); BENCH_ARGS as above
+bench-gguf:
+	$(PY) scripts/bench_gguf.py $(BENCH_ARGS)

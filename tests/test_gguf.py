@@ -89,6 +89,29 @@ def test_32_element_fits_are_llama_cpps(name):
     assert (ours <= theirs).all()
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q4_1", "q5_1", "q4_k", "q6_k"])
+def test_mse_clip_fits(name):
+    """clip="mse": the 32-element types search shrunk ranges, the unshrunk one among them, so their Σ_jj-weighted
+    rounding error is never above min-max's; the K-quants weight their fits by diag Σ. Both stay exact."""
+    from dataclasses import replace
+
+    from quantease.solvers.grid import fit_grid
+
+    W, S, _ = make_problem(16, 512, seed=5)
+    d = torch.diagonal(S)
+    spec = GGUF_TYPES[name].spec()
+    errors = {}
+    for clip in ("minmax", "mse"):
+        grid = fit_grid(W, replace(spec, clip=clip), d)
+        W_hat = grid.dequantize(grid.quantize(W))
+        errors[clip] = float((((W_hat - W) ** 2) * d).sum())
+        res = get_solver("rtn").solve(W, S, replace(spec, clip=clip))
+        blocks = gguf_export.layer_blocks(encode(res.weight), _meta(res.weight, spec), name)
+        assert np.array_equal(gguf.quants.dequantize(blocks, QTYPE[name]), res.weight.dequantize().numpy())
+    if GGUF_TYPES[name].kind != "k":
+        assert errors["mse"] <= errors["minmax"]
+
+
 def test_k_quant_rows_fall_back_as_llama_cpp():
     spec = GGUF_TYPES["q4_k"].spec()
     assert spec.for_columns(1536) == (spec, None)

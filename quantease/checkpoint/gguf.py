@@ -241,12 +241,11 @@ class _Tensors:
 
 def _add_shard(writer, tensors: dict[str, torch.Tensor], source: Source, names: _Tensors, types: dict[str, str],
                permute: bool) -> None:
-    layers = sorted({k.rpartition(".")[0] for k in tensors} & types.keys())
-    for layer in layers:
-        meta = source.layers[layer]
-        parts = {k.rpartition(".")[2]: tensors.pop(k) for k in [k for k in tensors if k.rpartition(".")[0] == layer
-                                                                 and not k.endswith(".bias")]}
-        rows = layer_blocks(parts, meta, types[layer])
+    """Add one native shard's tensors: its quantized layers as GGUF blocks, everything else as floats."""
+    for layer in sorted({k.rpartition(".")[0] for k in tensors} & types.keys()):
+        own = [k for k in tensors if k.rpartition(".")[0] == layer and not k.endswith(".bias")]  # NAME.qweight, ...
+        parts = {k.rpartition(".")[2]: tensors.pop(k) for k in own}
+        rows = layer_blocks(parts, source.layers[layer], types[layer])
         perm = _permutation(f"{layer}.weight", rows.shape[0], source.config, permute)
         writer.add_tensor(names.name(f"{layer}.weight"), rows if perm is None else rows[perm],
                           raw_dtype=gguf.GGMLQuantizationType[types[layer].upper()])

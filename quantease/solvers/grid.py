@@ -8,8 +8,9 @@ z every product here is exact in fp32, so s · c - s · z is bit for bit s · (c
 
 GGUF grids (`gguf="q4_1"`, `"q4_k"`, ...; solvers/gguf_grid.py) store a float offset o instead of an integer z
 (ŵ = d·q + m, or d·sc·q - dmin·m for the K-quants): `Grid.offset` holds o, `zero` = o / s only picks the nearest
-code (c = clamp(round(w / s + z))), and ŵ = s · c - o is then literally the format's own dequantization, evaluated in fp32 as llama.cpp's and
-gguf's dequantizers do.
+code (c = clamp(round(w / s + z))), and ŵ = s · c - o is then literally the format's own dequantization, evaluated in
+fp32 as llama.cpp's and gguf's dequantizers do. Solvers round with (s, z) and form ŵ with (s, o): Grid.columns and
+Grid.column_shifts.
 
 Scales are rounded to fp16 *before* any solver uses them, so the grid a solver optimizes over is exactly the grid
 the checkpoint stores (reload is bit-exact). `clip="mse"` shrinks each row's (group's) range by a grid search that
