@@ -61,6 +61,20 @@ def test_every_solver_weight_decodes_exactly(name, one_thread):
     assert losses["quantease"] <= losses["gptq"] < losses["rtn"]
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q3_k", "q6_k"])
+def test_relaxed_sweeps_on_signed_scales(name, one_thread):
+    """llama.cpp's fits of the symmetric types give about half the blocks a negative scale; QuantEase's relaxed
+    sweeps must clamp to the grid's range with its ends swapped there, so the rounded sweeps after them improve on
+    the RTN start (a range collapsed to one end would start them far above it)."""
+    W, S, _ = make_problem(16, 512, seed=3)
+    spec = GGUF_TYPES[name].spec()
+    rtn = get_solver("rtn").solve(W, S, spec)
+    assert (rtn.weight.grid.scale < 0).any()
+    qe = get_solver("quantease")
+    res = qe.solve(W, S, spec, qe.make_options({"init": "w", "relax_sweeps": 2}))
+    assert res.history[1] < res.history[0] and res.loss < rtn.loss
+
+
 def test_float_offset_is_not_an_integer_zero_point():
     """Q4_1's grid is d·c + m with m an arbitrary fp16 number: the fitted m are not multiples of d (an integer zero
     point could not hold them), and Ŵ still decodes exactly."""

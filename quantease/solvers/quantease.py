@@ -108,8 +108,9 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
             if dinv_list[i1 + i] == 0:
                 continue
             u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv_list[i1 + i])  # [q] real minimizer
-            if relaxed:
-                torch.clamp(u, -o1[i], s1[i] * maxq - o1[i], out=N1[i])
+            if relaxed:  # the grid's range; its ends swap where s < 0 (GGUF's signed scales)
+                lo, hi = -o1[i], s1[i] * maxq - o1[i]
+                torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi), out=N1[i])
             else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
                 c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
                 torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
