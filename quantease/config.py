@@ -75,8 +75,8 @@ class QuantConfig:
         return get_solver(self.method).make_options(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings; the FFSplit ones only when FFSplit is on and the grid only when it is a GGUF one, so other runs'
-    checkpoints stay as they were."""
+        """All settings; the FFSplit ones only when FFSplit is on and the grid only when it is a GGUF one, so other
+        runs' checkpoints stay as they were."""
         values = asdict(self)
         if not self.ffsplit:
             del values["ffsplit"], values["heavy_bits"]

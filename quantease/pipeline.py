@@ -25,8 +25,8 @@ from transformers import AutoTokenizer
 
 from . import __version__
 from .checkpoint.model_card import card_text
-from .checkpoint.native import (CARD, FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, CheckpointWriter, effective_bits,
-                                encode)
+from .checkpoint.native import (CARD, FORMAT, FORMAT_VERSION, INFO, MANIFEST, OUTER_SHARD, RUN_LOG, CheckpointWriter,
+                                effective_bits, encode)
 from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
 from .data.sources import load_text
@@ -318,8 +318,8 @@ class _Run:
         c = self.config
         model_config["quantization_config"] = {"quant_method": "quantease", "bits": c.bits, "group_size": c.group_size}
         info = _info(c, self.lazy, model_path, calib_sha, fp, self.layers)
-        files = ["config.json", "model-outer.safetensors", f"model-block-00000 .. {len(self.lazy.blocks) - 1:05d}"
-                 ".safetensors", "quantease.json (settings, per-layer errors)", "manifest.json"]
+        last = self.writer.shard_name(len(self.lazy.blocks) - 1)
+        files = ["config.json", OUTER_SHARD, f"{self.writer.shard_name(0)} … {last}", INFO, MANIFEST]
         self.writer.write_text(CARD, card_text(info, model_config, "native", files))
         self.writer.finalize(model_config, info)
         self.resume.clear()
