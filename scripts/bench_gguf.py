@@ -5,7 +5,9 @@ Each (type, method) is quantized on llama.cpp's grid of the type (`--grid gguf:T
 exported to OUT/TYPE-METHOD.gguf, loaded with AutoModelForCausalLM / AutoTokenizer .from_pretrained(OUT,
 gguf_file=...) and scored with the standard protocol (quantease.eval.perplexity). llama.cpp scores the same token
 windows (our tokenization, fed as token ids), all logits of each window from one llama_eval, so its numbers differ from
-transformers' only by llama.cpp's arithmetic (its CPU matmuls quantize the activations to 8 bits). Results are kept
+transformers' only by llama.cpp's arithmetic (its CPU matmuls quantize the activations to 8 bits); it also checks that
+llama.cpp's own C dequantizers (ggml's dequantize_row_<type>) decode every quantized tensor of the file to gguf-py's
+values bit for bit. Results are kept
 per row in OUT/results/LABEL.json with the protocol; reruns add rows instead of redoing them.
 
     python scripts/bench_gguf.py --nsamples 16 --seqlen 2048 --ppl-limit 16           # the README protocol
@@ -48,7 +50,34 @@ def llama_cpp_ppl(path: Path, windows, threads: int) -> float:
     return math.exp(nll / count)
 
 
-def run_one(gtype: str, method: str, args: argparse.Namespace, datasets: list[str]) -> dict[str, Any]:
+def ggml_dequantizer_agrees(path: Path) -> tuple[int, int]:
+    """(tensors whose dequantization by llama.cpp's own C code, ggml's dequantize_row_<type> from the libggml-base
+    that llama-cpp-python ships, equals gguf-py's bit for bit, quantized tensors in the file)."""
+    import ctypes
+    import importlib.util
+
+    import gguf
+    import numpy as np
+
+    lib_dir = Path(list(importlib.util.find_spec("llama_cpp").submodule_search_locations)[0]) / "lib"
+    ggml = ctypes.CDLL(str(next(lib_dir.glob("libggml-base.so*"))))
+    same = total = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type.name in ("F32", "F16", "BF16"):
+            continue
+        fn = getattr(ggml, f"dequantize_row_{t.tensor_type.name.lower()}")
+        data = np.ascontiguousarray(t.data)
+        ref = gguf.quants.dequantize(data, t.tensor_type).ravel()
+        out = np.empty_like(ref)
+        fn(data.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
+        same += int(np.array_equal(out, ref))
+        total += 1
+    return same, total
+
+
+def run_one(gtype: str, method: str, args: argparse.Namespace, datasets: list[str],
+            old: dict[str, Any]) -> dict[str, Any]:
+    """One row; values already in `old` (same protocol) are kept, so adding llama.cpp's numbers redoes nothing else."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,10 +101,13 @@ def run_one(gtype: str, method: str, args: argparse.Namespace, datasets: list[st
            "mean_rel_error": round(info["summary"]["mean_rel_error"], 5), "quantize_s": round(wall, 1),
            "protocol": _protocol(args)}
     for d in datasets:
-        row[d] = round(perplexity_on(model, tokenizer, d, args.ppl_seqlen, args.ppl_limit, torch.device("cpu")).ppl, 3)
+        row[d] = old.get(d) or round(perplexity_on(model, tokenizer, d, args.ppl_seqlen, args.ppl_limit,
+                                                   torch.device("cpu")).ppl, 3)
         if args.llama_cpp:
             windows = _windows(tokenizer, d, args.ppl_seqlen, args.ppl_limit)
             row[f"llama.cpp {d}"] = round(llama_cpp_ppl(path, windows, torch.get_num_threads()), 3)
+    if args.llama_cpp:
+        row["ggml_dequantize_equal"] = "{} of {}".format(*ggml_dequantizer_agrees(path))
     return row
 
 
@@ -120,7 +152,7 @@ def main() -> None:
             if old.get("protocol") == _protocol(args) and all(d in old for d in datasets) and (
                     not args.llama_cpp or all(f"llama.cpp {d}" in old for d in datasets)):
                 continue
-            row = run_one(gtype, method, args, datasets)
+            row = run_one(gtype, method, args, datasets, old if old.get("protocol") == _protocol(args) else {})
             f.write_text(json.dumps(row, indent=1))
             print(json.dumps(row), flush=True)
     rows = [json.loads(f.read_text()) for f in sorted(store.glob("*.json"))]
