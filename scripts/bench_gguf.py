@@ -5,7 +5,8 @@ Each (type, method) is quantized on llama.cpp's grid of the type (`--grid gguf:T
 exported to OUT/TYPE-METHOD.gguf, loaded with AutoModelForCausalLM / AutoTokenizer .from_pretrained(OUT,
 gguf_file=...) and scored with the standard protocol (quantease.eval.perplexity). llama.cpp scores the same token
 windows (our tokenization, fed as token ids), all logits of each window from one llama_eval, so its numbers differ from
-transformers' only by llama.cpp's arithmetic (its CPU matmuls quantize the activations to 8 bits); it also checks that
+transformers' only by llama.cpp's arithmetic (its CPU matmuls quantize the activations to 8 bits; its extra buffer
+types, AMX and repacked weights, are left off); it also checks that
 llama.cpp's own C dequantizers (ggml's dequantize_row_<type>) decode every quantized tensor of the file to gguf-py's
 values bit for bit. Results are kept
 per row in OUT/results/LABEL.json with the protocol; reruns add rows instead of redoing them.
@@ -32,12 +33,24 @@ def _windows(tokenizer, dataset: str, seqlen: int, limit: int | None):
 
 def llama_cpp_ppl(path: Path, windows, threads: int) -> float:
     """exp(mean NLL) of every predicted token of `windows` [n, seqlen] under llama.cpp's evaluation of `path`."""
+    import llama_cpp.llama_cpp as lib
     import numpy as np
     from llama_cpp import Llama
 
+    defaults = lib.llama_model_default_params
+
+    def no_extra_buffers():  # AMX / repacked-weight buffers: some VMs advertise AMX but trap its instructions
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
     seqlen = windows.shape[1]
-    llm = Llama(model_path=str(path), n_ctx=seqlen, n_batch=seqlen, logits_all=True, n_threads=threads,
-                verbose=False)
+    lib.llama_model_default_params = no_extra_buffers
+    try:
+        llm = Llama(model_path=str(path), n_ctx=seqlen, n_batch=seqlen, logits_all=True, n_threads=threads,
+                    verbose=False)
+    finally:
+        lib.llama_model_default_params = defaults
     nll, count = 0.0, 0
     for w in windows.tolist():
         llm.reset()
@@ -65,7 +78,8 @@ def ggml_dequantizer_agrees(path: Path) -> tuple[int, int]:
     for t in gguf.GGUFReader(path).tensors:
         if t.tensor_type.name in ("F32", "F16", "BF16"):
             continue
-        fn = getattr(ggml, f"dequantize_row_{t.tensor_type.name.lower()}")
+        name = t.tensor_type.name  # ggml's symbol: dequantize_row_q4_0, dequantize_row_q4_K, ...
+        fn = getattr(ggml, f"dequantize_row_{name[0].lower()}{name[1:]}")
         data = np.ascontiguousarray(t.data)
         ref = gguf.quants.dequantize(data, t.tensor_type).ravel()
         out = np.empty_like(ref)
