@@ -4,7 +4,8 @@ DEVICE ?= auto
 
 LATEST ?= build/venv-latest
 
-.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-gguf
+.PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers \
+	bench-scale gpu-check bench-gguf
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -43,6 +44,25 @@ bench-pipeline:
 # reduce the protocol, e.g. BENCH_ARGS="--nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-limit 8"
 bench-outliers:
 	$(PY) scripts/bench_outliers.py --device $(DEVICE) $(BENCH_ARGS)
+
+# Our default next to llm-compressor's GPTQ on the same calibration windows and perplexity code (README "Against
+# llm-compressor"); the peers' virtualenv is built once. BENCH_ARGS e.g. "--bits 3 --nsamples 64".
+PEERS ?= build/venv-peers
+$(PEERS)/bin/python:
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 && $(PEERS)/bin/pip install -q llmcompressor==0.14.0.1 torch==2.13.0
+
+bench-peers: $(PEERS)/bin/python
+	$(PY) scripts/bench_peers.py --venv $(PEERS) $(BENCH_ARGS)
+
+# Llama-3-8B shapes truncated to a few blocks, W4 QuantEase, plan vs measured (README "Scale"); BENCH_ARGS to change
+# the protocol, e.g. BENCH_ARGS="--blocks 3 --dtype float32"
+bench-scale:
+	$(PY) scripts/bench_scale.py --device $(DEVICE) $(BENCH_ARGS)
+
+# The prepared GPU check (README "Scale"): at most 8 minutes on one H100/H200
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # GGUF exports of the default model read back by transformers' GGUF reader (README "GGUF"); BENCH_ARGS as above
 bench-gguf:

@@ -10,8 +10,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "ZeroShotSettings", "quantize", "load", "evaluate", "evaluate_perplexity",
-           "evaluate_zeroshot", "results_path", "stored_results"]
+__all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load", "load_tokenizer", "check_bos",
+           "evaluate", "evaluate_perplexity", "evaluate_zeroshot", "results_path", "stored_results"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,9 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 from . import __version__
+from .config import FORWARD_DTYPES
+
+BOS_CHOICES = ["auto", "every", "first", "never"]  # data/windows.py BOS_MODES (not imported: it would load torch)
 
 EXAMPLES_QUANTIZE = """
 \b
@@ -62,43 +65,92 @@ def main(ctx: click.Context, debug: bool) -> None:
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _settings_options(f):
+    """The options that make a QuantConfig, shared by `quantize` and `plan`."""
+    options = [
+        click.argument("model", default="smollm2-135m"),
+        click.option("--out", default="", type=click.Path(file_okay=False),
+                     help="Output folder (required here or in --config)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML recipe of settings (see configs/); options given on the command line override it."),
+        click.option("--method", default="quantease", show_default=True, help="Solver: quantease, gptq, rtn."),
+        click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8."),
+        click.option("--group-size", default=-1, show_default=True, type=int,
+                     help="Input columns per grid; -1: per channel."),
+        click.option("--sym/--asym", default=False, show_default=True,
+                     help="Symmetric grid (no zero point) or asymmetric."),
+        click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+                     help="Grid range: min-max, or searched to minimize the rounding error."),
+        click.option("--grid", default="", metavar="gguf:TYPE",
+                     help="llama.cpp's grid of a GGUF type (q4_0, q5_0, q8_0, q4_1, q5_1, q2_k, q3_k, q4_k, q5_k, "
+                     "q6_k); it sets bits, group size and symmetry. Exports exactly with --format gguf."),
+        click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+                     help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable)."),
+        click.option("--outliers", type=float, default=None,
+                     help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers "
+                     "(Ŵ = Q + H)."),
+        click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
+                     help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts "
+                     "columns)."),
+        click.option("--ffsplit", default=0.0, show_default=True, type=float,
+                     help="FFSplit: heavy-hitter neurons per FFN (fraction < 1, or a count) quantized with "
+                     "--heavy-bits."),
+        click.option("--heavy-bits", default=8, show_default=True, type=int,
+                     help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16."),
+        click.option("--calib", default="ptb", show_default=True,
+                     help="Calibration text: ptb, wiki, c4=PATH, or a file."),
+        click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
+                     help="BOS in each calibration window (and --ppl window): auto (every when the tokenizer adds a "
+                     "BOS itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole "
+                     "text, the GPTQ protocol), never."),
+        click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows."),
+        click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for choosing calibration windows."),
+        click.option("--batch-size", "calib_batch_size", default=4, show_default=True, type=int,
+                     help="Calibration windows per forward pass."),
+        click.option("--sequential/--no-sequential", default=True, show_default=True,
+                     help="Each group of linears sees the already-quantized earlier groups of its block."),
+        click.option("--propagate/--no-propagate", default=True, show_default=True,
+                     help="The next block sees the quantized block's outputs (else the original's)."),
+        click.option("--target", type=click.Choice(["layer", "propagated"]), default="layer", show_default=True,
+                     help="Layer objective ||WX - ŴX||², or the propagated one ||W X_fp - Ŵ X||² against the "
+                     "original model's inputs (one more block forward per block)."),
+        click.option("--alpha", default=1.0, show_default=True, type=float,
+                     help="Strength of --target propagated: the target input is X + alpha (X_fp - X)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", type=click.Choice(list(FORWARD_DTYPES)), default="auto", show_default=True,
+                     help="Dtype of block forwards and calibration activations: auto = the checkpoint's on CUDA, "
+                     "float32 on CPU. Weights given to solvers and Σ stay fp32."),
+        click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True, help="Keep calibration hidden states in pinned host memory, copying one "
+                     "batch at a time to the device: auto = when they do not fit on it. Results are identical."),
+        click.option("--resume-every", default=1, show_default=True, type=int,
+                     help="Write the resume state after every N-th block only (each is nsamples x seqlen x hidden "
+                     "activations); a rerun redoes at most N-1 blocks."),
+        click.option("--allow-pickle", is_flag=True, default=False,
+                     help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with "
+                     "weights_only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config_values(ctx: click.Context, config_file, options, outliers, outlier_structure, settings) -> dict:
+    """QuantConfig values: the recipe, then what was given on the command line, then the options' defaults."""
+    from .config import read_yaml
+
+    given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    recipe = read_yaml(config_file) if config_file else {}
+    values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
+    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
+                                **_outlier_options(values["method"], outliers, outlier_structure)}
+    _apply_grid(values, given | set(recipe))
+    return values
+
+
 @main.command(epilog=EXAMPLES_QUANTIZE)
-@click.argument("model", default="smollm2-135m")
-@click.option("--out", default="", type=click.Path(file_okay=False), help="Output folder (required here or in --config).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML recipe of settings (see configs/); options given on the command line override it.")
-@click.option("--method", default="quantease", show_default=True, help="Solver: quantease, gptq, rtn.")
-@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight, 2..8.")
-@click.option("--group-size", default=-1, show_default=True, type=int, help="Input columns per grid; -1: per channel.")
-@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero point) or asymmetric.")
-@click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
-              help="Grid range: min-max, or searched to minimize the rounding error.")
-@click.option("--grid", default="", metavar="gguf:TYPE",
-              help="llama.cpp's grid of a GGUF type (q4_0, q5_0, q8_0, q4_1, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k); "
-              "it sets bits, group size and symmetry. Exports exactly with --format gguf.")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable).")
-@click.option("--outliers", type=float, default=None,
-              help="quantease only: keep this fraction (< 1) or count of weights as sparse fp16 outliers (Ŵ = Q + H).")
-@click.option("--outlier-structure", type=click.Choice(["unstructured", "column"]), default=None,
-              help="quantease only: outliers anywhere, or in whole input columns (--outliers then counts columns).")
-@click.option("--ffsplit", default=0.0, show_default=True, type=float,
-              help="FFSplit: heavy-hitter neurons per FFN (fraction < 1, or a count) quantized with --heavy-bits.")
-@click.option("--heavy-bits", default=8, show_default=True, type=int,
-              help="Bits of the FFSplit heavy neurons' weights, 2..8, or 16 to keep them in fp16.")
-@click.option("--calib", default="ptb", show_default=True, help="Calibration text: ptb, wiki, c4=PATH, or a file.")
-@click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration windows.")
-@click.option("--seqlen", default=2048, show_default=True, type=int, help="Tokens per calibration window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for choosing calibration windows.")
-@click.option("--batch-size", "calib_batch_size", default=4, show_default=True, type=int,
-              help="Calibration windows per forward pass.")
-@click.option("--sequential/--no-sequential", default=True, show_default=True,
-              help="Each group of linears sees the already-quantized earlier groups of its block.")
-@click.option("--propagate/--no-propagate", default=True, show_default=True,
-              help="The next block sees the quantized block's outputs (else the original's).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--allow-pickle", is_flag=True, default=False,
-              help="Read PyTorch pickle (*.bin) weights when the model has no safetensors (loaded with weights_only).")
+@_settings_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
 @click.option("--format", "fmt", default="native", show_default=True,
@@ -112,38 +164,39 @@ def main(ctx: click.Context, debug: bool) -> None:
               "these datasets (e.g. ptb,wiki).")
 @click.option("--ppl-seqlen", default=2048, show_default=True, type=int, help="Window length for --ppl.")
 @click.option("--ppl-limit", default=None, type=int, help="At most this many windows per dataset for --ppl.")
+@click.option("--ppl-bos", type=click.Choice(BOS_CHOICES), default=None,
+              help="BOS mode of the --ppl windows, if not that of --bos.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, restart, fmt, export_out, compare,
-             ppl, ppl_seqlen, ppl_limit, quiet, **settings) -> None:
+             ppl, ppl_seqlen, ppl_limit, ppl_bos, quiet, **settings) -> None:
     """Quantize MODEL (a built-in name or a local Hugging Face folder) into --out.
 
-    An interrupted run continues from its last finished block when the same command is run again.
+    An interrupted run continues from its last finished block when the same command is run again. The memory and
+    disk plan (`quantease plan`) is checked first.
     """
     from . import api
-    from .config import read_yaml
     from .errors import UsageError
     from .report import print_layers_summary
 
-    given = {k for k in settings if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    recipe = read_yaml(config_file) if config_file else {}
-    values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
-    values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
-                                **_outlier_options(values["method"], outliers, outlier_structure)}
-    _apply_grid(values, given | set(recipe))
+    values = _config_values(ctx, config_file, options, outliers, outlier_structure, settings)
     config = api.QuantConfig.from_dict(values)
     # baselines: the same settings but the method (its own options dropped), all checked before any work
     if compare and not config.out:
         raise UsageError("--compare writes its checkpoints beside --out: give --out")
     baselines = [api.QuantConfig.from_dict({**values, "method": m, "method_options": {}, "out": f"{config.out}-{m}"})
                  for m in _csv(compare)]
+    if ppl:  # the --ppl BOS mode must fit the tokenizer: found out now, not after quantizing
+        api.check_bos(config.model, ppl_bos or config.bos)
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
         from .models.reader import resolve_model_path
 
-        opts, spec = config.method_options, config.grid_spec()
-        precheck(fmt, spec, spec.independent_groups and config.method == "gptq"
-                 and opts.get("act_order", False) and not opts.get("static_groups", False),
+        opts = config.solver_options()  # GPTQ's own, or the GPTQ initialization's of QuantEase
+        act_order = getattr(opts, "act_order", getattr(opts, "gptq_act_order", False))
+        static = getattr(opts, "static_groups", getattr(opts, "gptq_static_groups", True))
+        spec = config.grid_spec()
+        precheck(fmt, spec, spec.independent_groups and act_order and not static,
                  resolve_model_path(config.model, config.allow_pickle))
     others = []
     for baseline in baselines:
@@ -158,7 +211,32 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         click.echo(f"exported {exported} ({fmt})")
     if ppl:
         _print_ppl([config.model, *map(str, others), str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device,
-                   quiet)
+                   quiet, bos=ppl_bos or config.bos)
+
+
+EXAMPLES_PLAN = """
+\b
+Examples:
+  quantease plan ./Llama-3-70B --bits 4 --group-size 128 --device cuda --out out/l3-70b-w4
+  quantease plan smollm2-135m --nsamples 128 --seqlen 2048 --dtype bfloat16
+"""
+
+
+@main.command("plan", epilog=EXAMPLES_PLAN)
+@_settings_options
+@click.pass_context
+def plan_cmd(ctx, config_file, options, outliers, outlier_structure, **settings) -> None:
+    """Print the memory and disk plan of `quantease quantize MODEL` with the same options: peak device memory,
+    host RAM, disk for the checkpoint and the resume state, and block forwards. Reads only config.json and the
+    safetensors headers. Exit 8, naming the option that fixes it, when it does not fit."""
+    from . import api
+    from .errors import ResourceError
+
+    plan = api.plan(api.QuantConfig.from_dict(_config_values(ctx, config_file, options, outliers, outlier_structure,
+                                                             settings)))
+    click.echo(plan.text())
+    if plan.problem:
+        raise ResourceError(plan.problem)
 
 
 def _apply_grid(values: dict, given: set[str]) -> None:
@@ -227,6 +305,10 @@ def _eval_options(f):
                      "Default ptb,wiki when no --tasks are given; '' for none."),
         click.option("--seqlen", default=2048, show_default=True, type=int, help="Perplexity window length."),
         click.option("--limit", default=None, type=int, help="At most this many perplexity windows per dataset."),
+        click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
+                     help="BOS in each perplexity window and lm-eval request: auto (every when the tokenizer adds a "
+                     "BOS itself, else never), every (BOS + seqlen-1 text tokens), first (one BOS before the whole "
+                     "text, the GPTQ protocol; for lm-eval the same as every), never."),
         click.option("--tasks", default=None, help="lm-eval tasks: piqa, arc_easy, arc_challenge, hellaswag, "
                      "winogrande, lambada_openai, boolq (offline copies), tasks from --tasks-dir, or any lm-eval task "
                      "whose data are in the local Hugging Face cache."),
@@ -255,15 +337,17 @@ def _eval_plan(opts: dict):
     if not datasets and not tasks:
         raise UsageError("nothing to evaluate: give --ppl datasets and/or --tasks")
     settings = api.ZeroShotSettings(tuple(tasks), opts["task_limit"], opts["num_fewshot"], opts["batch_size"],
-                                    opts["tasks_dir"]) if tasks else None
+                                    opts["tasks_dir"], opts["bos"]) if tasks else None
     return datasets, settings
 
 
 def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, dict]:
     from . import api
 
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, opts["bos"])
     return {m: api.evaluate(m, datasets, settings, opts["seqlen"], opts["limit"], opts["device"], opts["packed"],
-                            progress=not opts["quiet"]) for m in models}
+                            progress=not opts["quiet"], bos=opts["bos"]) for m in models}
 
 
 @main.command("eval", epilog=EXAMPLES_EVAL)
@@ -278,7 +362,7 @@ def eval_cmd(models, json_out, **opts) -> None:
     datasets, settings = _eval_plan(opts)
     if settings is None:  # perplexity only: its own table, and --json as {model: [results]}
         _print_ppl(list(models), datasets, opts["seqlen"], opts["limit"], opts["device"], opts["quiet"], opts["packed"],
-                   json_out)
+                   json_out, opts["bos"])
         return
     results = _evaluate(models, datasets, settings, opts)
     click.echo(comparison_table(compare(results), deltas=False))
@@ -318,11 +402,14 @@ def compare_cmd(models, prefix, **opts) -> None:
     click.echo(f"wrote {prefix}.json and {prefix}.png")
 
 
-def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, json_out=None) -> None:
+def _print_ppl(models, datasets, seqlen, limit, device, quiet, packed=False, json_out=None, bos="auto") -> None:
     from . import api
     from .report import perplexity_table
 
-    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet) for m in models}
+    for m in models:  # every model's tokenizer can take the BOS mode: checked before the first one is evaluated
+        api.check_bos(m, bos)
+    rows = {m: api.evaluate_perplexity(m, datasets, seqlen, limit, device, packed, progress=not quiet, bos=bos)
+            for m in models}
     click.echo(perplexity_table(rows))
     if json_out:
         Path(json_out).write_text(json.dumps({m: [r.to_dict() for r in rs] for m, rs in rows.items()}, indent=2))

@@ -7,11 +7,14 @@ from typing import Any
 
 import yaml
 
+from .data.windows import BOS_MODES
 from .errors import UsageError
 from .solvers import GridSpec, get_solver
 from .solvers.gguf_grid import GGUF_TYPES, gguf_type
 
-__all__ = ["QuantConfig", "read_yaml", "implied_grid", "grid_conflict"]
+__all__ = ["QuantConfig", "read_yaml", "implied_grid", "grid_conflict", "FORWARD_DTYPES"]
+
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -28,13 +31,19 @@ class QuantConfig:
     ffsplit: float = 0.0  # FFSplit heavy neurons per FFN: a fraction (< 1) or a count; 0 = off
     heavy_bits: int = 8  # bits of the heavy neurons' weights (2..8), or 16 = kept in fp16
     calib: str = "ptb"  # data source name, name=PATH, or a text file
+    bos: str = "auto"  # BOS in the calibration windows: auto, every, first or never (data/windows.py)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     calib_batch_size: int = 4
     sequential: bool = True  # each group of linears sees the already-quantized earlier groups of its block
     propagate: bool = True  # the next block sees the quantized block's outputs (False: the original's)
+    target: str = "layer"  # "layer": ||W X - Ŵ X||²; "propagated": ||W X_α - Ŵ X||², X_α toward the original's inputs
+    alpha: float = 1.0  # strength of the propagated target: X_α = X + α (X_fp - X)
     device: str = "auto"
+    dtype: str = "auto"  # block forwards and stored activations: auto (checkpoint's on CUDA, float32 on CPU) or a name
+    offload_activations: str = "auto"  # calibration hidden states in host memory: auto (when they do not fit), on, off
+    resume_every: int = 1  # write the resume state after every N-th block (and the last)
     allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
     def __post_init__(self) -> None:
@@ -50,6 +59,9 @@ class QuantConfig:
             if self.ffsplit:
                 raise UsageError("--ffsplit cannot be combined with --grid gguf:*: GGUF has no place for FFSplit's "
                                  "parts; drop one of them")
+            if self.method_options.get("refit"):
+                raise UsageError("-o refit cannot be combined with --grid gguf:*: a GGUF grid's scales are "
+                                 "llama.cpp's own fit (its sub-block scales share one fp16 scale); drop one of them")
         try:
             self.grid_spec()
             get_solver(self.method).make_options(self.method_options)
@@ -59,9 +71,19 @@ class QuantConfig:
             raise UsageError(f"ffsplit must be a fraction in [0, 1) or a whole count of neurons, got {self.ffsplit}")
         if not (2 <= self.heavy_bits <= 8 or self.heavy_bits == 16):
             raise UsageError(f"heavy_bits must be in 2..8, or 16 for full precision, got {self.heavy_bits}")
-        for name in ("nsamples", "seqlen", "calib_batch_size"):
+        if self.dtype not in FORWARD_DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.dtype!r}")
+        if self.offload_activations not in ("auto", "on", "off"):
+            raise UsageError(f"offload_activations must be auto, on or off, got {self.offload_activations!r}")
+        for name in ("nsamples", "seqlen", "calib_batch_size", "resume_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bos not in BOS_MODES:
+            raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+        if self.target not in ("layer", "propagated"):
+            raise UsageError(f"target must be 'layer' or 'propagated', got {self.target!r}")
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UsageError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -75,11 +97,13 @@ class QuantConfig:
         return get_solver(self.method).make_options(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings; the FFSplit ones only when FFSplit is on and the grid only when it is a GGUF one, so other
-        runs' checkpoints stay as they were."""
+        """All settings; the FFSplit and propagated-target ones only when on and the grid only when it is a GGUF one,
+        so other runs' checkpoints (and their fingerprints) stay as they were."""
         values = asdict(self)
         if not self.ffsplit:
             del values["ffsplit"], values["heavy_bits"]
+        if self.target == "layer":
+            del values["target"], values["alpha"]
         if not self.grid:
             del values["grid"]
         return values

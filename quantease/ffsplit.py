@@ -22,6 +22,7 @@ import torch
 from .checkpoint.native import encode_split
 from .config import QuantConfig
 from .solvers import GridSpec, SolveResult, get_solver, layer_loss
+from .solvers.base import Target
 
 __all__ = ["heavy_count", "neuron_scores", "heavy_hitter_stats", "SplitLayer", "solve_split"]
 
@@ -68,9 +69,10 @@ def _part_spec(config: QuantConfig, bits: int, width: int, notes: list[str], nam
     return GridSpec(bits=bits, group_size=gs, sym=config.sym, clip=config.clip)
 
 
-def solve_split(W: torch.Tensor, sigma: torch.Tensor, axis: str, heavy: torch.Tensor, config: QuantConfig
-                ) -> SplitLayer:
-    """Solve the heavy and light parts of W [q, p] split by rows ("rows": up/gate) or columns ("cols": down)."""
+def solve_split(W: torch.Tensor, sigma: torch.Tensor, axis: str, heavy: torch.Tensor, config: QuantConfig,
+                target: Target | None = None) -> SplitLayer:
+    """Solve the heavy and light parts of W [q, p] split by rows ("rows": up/gate) or columns ("cols": down); a
+    propagated target splits as Σ does (its cross-part terms are ignored likewise for columns)."""
     n = W.shape[0] if axis == "rows" else W.shape[1]
     light_mask = torch.ones(n, dtype=torch.bool, device=W.device)
     light_mask[heavy] = False
@@ -80,6 +82,7 @@ def solve_split(W: torch.Tensor, sigma: torch.Tensor, axis: str, heavy: torch.Te
     W_hat, parts, metas, results, notes = torch.zeros_like(W), {}, [], {}, []
     for name, idx in index.items():
         Wp, Sp = (W[idx], sigma) if axis == "rows" else (W[:, idx], sigma[idx][:, idx])  # [., .], [p', p']
+        Tp = target if target is None or axis == "rows" else target.restrict(idx)
         meta: dict[str, Any] = {"name": name, "bits": bits[name], "out_features": Wp.shape[0],
                                 "in_features": Wp.shape[1]}
         if bits[name] == 16:
@@ -87,7 +90,7 @@ def solve_split(W: torch.Tensor, sigma: torch.Tensor, axis: str, heavy: torch.Te
             parts[name] = Wp
         else:
             spec = _part_spec(config, bits[name], Wp.shape[1], notes, name)
-            res = solver.solve(Wp, Sp, spec, options)
+            res = solver.solve(Wp, Sp, spec, options, Tp)
             results[name], parts[name], Wq = res, res.weight, res.weight.dequantize()
             notes += res.notes
             meta.update(group_size=spec.group_size, groups=int(res.weight.grid.scale.shape[1]), sym=spec.sym)
@@ -98,6 +101,6 @@ def solve_split(W: torch.Tensor, sigma: torch.Tensor, axis: str, heavy: torch.Te
         else:
             W_hat[:, idx] = Wq
         metas.append(meta)
-    extra = {"out_features": W.shape[0], "in_features": W.shape[1], "loss": layer_loss(W, W_hat, sigma),
+    extra = {"out_features": W.shape[0], "in_features": W.shape[1], "loss": layer_loss(W, W_hat, sigma, target),
              "notes": notes, "split_axis": axis, "parts": metas}
     return SplitLayer(W_hat, encode_split(parts, heavy), results["light"], extra)

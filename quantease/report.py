@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .checkpoint.reload import read_info
-from .eval.perplexity import PerplexityResult
+from .data.windows import auto_bos
+from .eval.perplexity import PerplexityResult, bos_protocol
 
 __all__ = ["print_layers_summary", "perplexity_table", "inspect_text", "gather_runs", "write_report"]
 
@@ -34,7 +35,11 @@ def perplexity_table(rows: dict[str, list[PerplexityResult]]) -> str:
     for model, results in rows.items():
         lines.append(f"{model.ljust(width)}  " + "  ".join(f"{r.ppl:>10.3f}" for r in results))
     first = next(iter(rows.values()))[0]
-    lines.append(f"(perplexity; {first.windows} windows of {first.seqlen} tokens, {first.tokens} predicted tokens)")
+    modes = {model: results[0].bos for model, results in rows.items()}
+    bos = bos_protocol(first.bos, first.seqlen) if len(set(modes.values())) == 1 else "BOS " + ", ".join(
+        f"{mode} for {model}" for model, mode in modes.items())
+    lines.append(f"(perplexity; {first.windows} windows of {first.seqlen} tokens, {first.tokens} predicted tokens; "
+                 f"{bos})")
     return "\n".join(lines)
 
 
@@ -50,7 +55,8 @@ def inspect_text(folder: Path, problems: list[str], layers: bool = True) -> str:
         f"method     {c['method']} {c['method_options'] or ''}".rstrip(),
         f"grid       {c['bits']} bits, {group}, {'symmetric' if c['sym'] else 'asymmetric'}, clip {c['clip']}"
         + (f", {c['grid']} (llama.cpp's grid)" if c.get("grid") else ""),
-        f"calib      {c['calib']}: {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}",
+        f"calib      {c['calib']}: {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}"
+        + (f", BOS {info['calibration']['bos']} (--bos {c['bos']})" if "bos" in info["calibration"] else ""),
         f"bits/weight {s['bits_per_weight']:.3f} over {s['quantized_layers']} quantized layers "
         f"(codes, scales, zeros and indices counted)",
         f"size       {size / 2**20:.1f} MiB on disk",
@@ -81,16 +87,23 @@ def gather_runs(folder: Path) -> list[dict]:
         evals = _json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
         best: dict[str, dict] = {}  # several protocols per dataset: report the one over the most tokens
         for r in evals.get("perplexity", {}).values():
-            name = Path(r["dataset"]).name  # a file dataset is labelled by its name
+            name = Path(r["dataset"]).name + _bos_suffix(r)  # a file dataset is labelled by its name
             if name not in best or r["tokens"] > best[name]["tokens"]:
                 best[name] = r
         row.update({f"ppl_{name}": round(r["ppl"], 3) for name, r in best.items()})
         for key, r in evals.get("zeroshot", {}).items():
             metric = "acc" if "acc" in r else next((k for k, v in r.items() if isinstance(v, float)), None)
             if metric:
-                row[f"{key.split(':')[0]}_{metric}"] = round(r[metric], 4)
+                row[f"{key.split(':')[0]}{_bos_suffix(r['protocol'])}_{metric}"] = round(r[metric], 4)
         rows.append(row)
     return rows
+
+
+def _bos_suffix(result: dict) -> str:
+    """'' for a result under what --bos auto gives its tokenizer (or saved before --bos), else '_bos-MODE': other
+    BOS modes get columns of their own."""
+    bos = result.get("bos")
+    return "" if bos is None or bos == auto_bos(result["adds_bos"]) else f"_bos-{bos}"
 
 
 def write_report(rows: list[dict], folder: Path) -> dict[str, Path]:

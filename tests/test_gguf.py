@@ -304,7 +304,8 @@ def made(gguf_llama, calib_file, tmp_path_factory):
     (dict(bits=4, group_size=32), "integer zero points have no GGUF type.*--grid gguf"),
     (dict(bits=3, group_size=32, sym=True), "4/5/8 bits with groups of 32"),
     (dict(bits=4, group_size=-1, sym=True), "4/5/8 bits with groups of 32"),
-    (dict(bits=4, group_size=32, sym=True, method="gptq", method_options={"act_order": True}), "static_groups"),
+    (dict(bits=4, group_size=32, sym=True, method="gptq", method_options={"act_order": True, "static_groups": False}),
+     "static_groups"),
 ])
 def test_refuses_grids_without_an_exact_type(made, tmp_path, settings, match):
     with pytest.raises(UsageError, match=match):

@@ -1,6 +1,7 @@
 """Never lose a run: kill -9 a real quantization at several points, rerun, and get the uninterrupted run's bytes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig
 
 from conftest import save_tiny_model
@@ -84,6 +86,20 @@ def test_changed_settings_refuse_to_mix_runs(four_block_llama, calib_file, refer
         shutil.rmtree(out, ignore_errors=True)
 
 
+def test_propagated_target_resumes_with_the_original_model_inputs(four_block_llama, calib_file, tmp_path):
+    """The resume state carries the original model's hidden states too: a killed run resumes to the same bytes."""
+    target = ("--target", "propagated", "--alpha", "0.5")
+    out = tmp_path / "q"
+    assert quantize(four_block_llama, out, calib_file, *target).returncode == 0
+    whole = checkpoint_files(out)
+    shutil.rmtree(out)
+    assert quantize(four_block_llama, out, calib_file, *target, fault="block:1").returncode == -9
+    mixed = quantize(four_block_llama, out, calib_file)  # the layer objective is another run
+    assert mixed.returncode == 6 and "different settings" in mixed.stderr
+    assert quantize(four_block_llama, out, calib_file, *target).returncode == 0
+    assert checkpoint_files(out) == whole
+
+
 def test_same_inputs_give_identical_bytes(four_block_llama, calib_file, reference):
     out, expected = reference
     try:
@@ -115,3 +131,34 @@ def test_not_enough_disk_and_nan_weights(four_block_llama, calib_file, tokenizer
     with pytest.raises(NumericalError, match="mlp.up_proj has NaN/Inf"):
         api_quantize(QuantConfig(out=str(tmp_path / "nanq"), **{**config, "model": str(tmp_path / "nan")}), progress=False)
     assert not (tmp_path / "nanq" / "manifest.json").exists()
+
+
+def test_thinned_resume_state_resumes_to_identical_files(four_block_llama, calib_file, reference):
+    """--resume-every 2 writes the state after blocks 1 and 3 only: killed after block 2, the rerun redoes block 2
+    from the state after block 1 and ends with the uninterrupted (every-block) run's bytes."""
+    out, expected = reference
+    try:
+        assert quantize(four_block_llama, out, calib_file, "--resume-every", "2", fault="block:2").returncode == -9
+        assert json.loads((out / ".resume" / "state.json").read_text())["next_block"] == 2
+        assert [p.name for p in (out / ".resume").glob("inputs-*")] == ["inputs-00002.safetensors"]
+        assert quantize(four_block_llama, out, calib_file, "--resume-every", "2").returncode == 0
+        assert checkpoint_files(out) == expected
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_resume_state_is_written_in_the_forward_dtype(four_block_llama, calib_file, tmp_path):
+    out = tmp_path / "q"
+    assert quantize(four_block_llama, out, calib_file, "--dtype", "bfloat16").returncode == 0
+    whole = checkpoint_files(out)
+    shutil.rmtree(out)
+    assert quantize(four_block_llama, out, calib_file, "--dtype", "bfloat16", fault="block:0").returncode == -9
+    path = out / ".resume" / "inputs-00001.safetensors"
+    with safe_open(path, "pt") as f:
+        batches = [f.get_tensor(k) for k in f.keys()]
+    assert {x.dtype for x in batches} == {torch.bfloat16}
+    assert sum(x.numel() for x in batches) == 6 * 48 * 64  # nsamples x seqlen x hidden, 2 bytes each
+    mixed = quantize(four_block_llama, out, calib_file)  # float32 forwards are another run
+    assert mixed.returncode == 6 and "different settings" in mixed.stderr
+    assert quantize(four_block_llama, out, calib_file, "--dtype", "bfloat16").returncode == 0
+    assert checkpoint_files(out) == whole

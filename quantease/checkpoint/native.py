@@ -37,6 +37,7 @@ from .resume import fault_point
 
 __all__ = [
     "FORMAT",
+    "TOKENIZER_FILES",
     "Dims",
     "TensorSchema",
     "quantized_schema",
@@ -62,6 +63,10 @@ INFO = "quantease.json"
 RUN_LOG = "run.json"  # timings of this particular run: not part of the checkpoint, so not in the manifest
 CARD = "README.md"  # the model card (checkpoint/model_card.py)
 OUTER_SHARD = "model-outer.safetensors"
+TOKENIZER_FILES = [  # copied from the model folder when present
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "chat_template.jinja", "generation_config.json",
+]
 
 
 class Dims(NamedTuple):
@@ -344,10 +349,12 @@ class CheckpointWriter:
     def shard_name(self, block: int | None) -> str:
         return OUTER_SHARD if block is None else f"model-block-{block:05d}.safetensors"
 
-    def write_shard(self, block: int | None, tensors: dict[str, torch.Tensor]) -> None:
+    def write_shard(self, block: int | None, tensors: dict[str, torch.Tensor]) -> int:
+        """Write one shard; returns its size in bytes."""
         name = self.shard_name(block)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return (self.out / name).stat().st_size
 
     def write_text(self, name: str, text: str) -> None:
         _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(text))

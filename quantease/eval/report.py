@@ -1,13 +1,16 @@
 """Side-by-side comparison of evaluation results: a text table, a JSON document and a bar chart.
 
 Input per model is eval.json's layout, {"perplexity": {key: result}, "zeroshot": {key: result}}. Each metric under
-one protocol (dataset, window length and count; or task, few-shot count and documents) becomes one row, so numbers
-are only ever set side by side when they were measured the same way. Deltas are against the first model.
+one protocol (dataset, window length and count; or task, few-shot count and documents; and the BOS mode, where it is
+not what --bos auto gives the model's tokenizer) becomes one row, so numbers are only ever set side by side when
+they were measured the same way. Deltas are against the first model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..data.windows import auto_bos
 
 __all__ = ["Comparison", "compare", "comparison_table", "comparison_json", "comparison_plot"]
 
@@ -43,13 +46,22 @@ def compare(results: dict[str, dict]) -> Comparison:
 def _flatten(res: dict) -> dict[str, tuple[float, bool, dict]]:
     out = {}
     for r in res.get("perplexity", {}).values():
-        protocol = {k: r[k] for k in ("dataset", "seqlen", "windows", "tokens")}
-        out[f"ppl {r['dataset']} (seqlen {r['seqlen']}, {r['windows']} windows)"] = (r["ppl"], False, protocol)
+        protocol = {k: r[k] for k in ("dataset", "seqlen", "windows", "tokens", "bos") if k in r}
+        label = f"ppl {r['dataset']} (seqlen {r['seqlen']}, {r['windows']} windows{_bos_label(r)})"
+        out[label] = (r["ppl"], False, protocol)
     for r in res.get("zeroshot", {}).values():
         p = r["protocol"]
         for metric, better in r["higher_is_better"].items():
-            out[f"{p['task']} {metric} ({p['num_fewshot']}-shot, {p['documents']} docs)"] = (r[metric], better, p)
+            label = f"{p['task']} {metric} ({p['num_fewshot']}-shot, {p['documents']} docs{_bos_label(p)})"
+            out[label] = (r[metric], better, p)
     return out
+
+
+def _bos_label(result: dict) -> str:
+    """Results under what --bos auto gives each model's tokenizer share rows (so do results saved before --bos);
+    other BOS modes get rows of their own."""
+    bos = result.get("bos")
+    return "" if bos is None or bos == auto_bos(result["adds_bos"]) else f", BOS {bos}"
 
 
 def _fmt(value: float | None) -> str:

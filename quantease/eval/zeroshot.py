@@ -12,16 +12,18 @@ import contextlib
 import logging
 import sys
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ..data.windows import BOS_MODES, adds_bos, auto_bos, resolve_bos
 from ..errors import DataError, UsageError
 from .tasks import LOCAL_TASKS, LocalTask, prepare_tasks, standard_tasks_dir, tasks_root
 
-__all__ = ["ZeroShotSettings", "LoadedTasks", "load_tasks", "evaluate_tasks", "result_key"]
+__all__ = ["ZeroShotSettings", "LoadedTasks", "load_tasks", "evaluate_tasks", "result_key", "lm_tokenizer"]
 
 # Draws for the bootstrap stderr of non-mean metrics (LAMBADA perplexity): lm-eval's default of 100000 takes minutes
 # on a CPU, and only the stderr depends on it.
@@ -35,10 +37,13 @@ class ZeroShotSettings:
     num_fewshot: int = 0
     batch_size: int = 1
     tasks_dir: str | None = None  # extra lm-eval task YAMLs
+    bos: str = "auto"  # BOS before each request: auto, every, first (= every: each request is its own text), never
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise UsageError("no tasks given")
+        if self.bos not in BOS_MODES:
+            raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         for what, value, low in (("task limit", self.limit, 1), ("num_fewshot", self.num_fewshot, 0),
                                  ("batch size", self.batch_size, 1)):
             if value is not None and value < low:
@@ -54,8 +59,38 @@ class LoadedTasks:
 
 
 def result_key(task: str, protocol: dict) -> str:
-    """Key of a result in eval.json: the settings that make two results comparable."""
-    return f"{task}:fewshot={protocol['num_fewshot']}:limit={protocol['limit'] or 'all'}"
+    """Key of a result in eval.json: the settings that make two results comparable. The BOS mode is named only
+    when it is not the tokenizer's own behaviour (what every result saved before --bos used)."""
+    key = f"{task}:fewshot={protocol['num_fewshot']}:limit={protocol['limit'] or 'all'}"
+    bos = protocol.get("bos")
+    return key if bos is None or bos == auto_bos(protocol["adds_bos"]) else f"{key}:bos={bos}"
+
+
+def lm_tokenizer(tokenizer: Any, bos: str) -> tuple[Any, bool | None, str]:
+    """(tokenizer for HFLM, its add_bos_token, the mode used: every or never) for a BOS mode.
+
+    lm-eval encodes each request (context + continuation, few-shot examples included) as one text: with
+    add_bos_token=None with the tokenizer's default special tokens, with False without any. It never prepends a BOS
+    itself, so "every" with a tokenizer that has a BOS but does not add it gets a copy that does; and since each
+    request is a text of its own, "first" is "every". Under "never" a request with an empty context is still
+    conditioned on lm-eval's prefix token (BOS, else EOS): there is nothing else to condition on.
+    """
+    mode = resolve_bos(tokenizer, bos)
+    if mode == "never":
+        return tokenizer, False, "never"
+    if adds_bos(tokenizer):
+        return tokenizer, None, "every"
+    return _with_bos(tokenizer), None, "every"
+
+
+def _with_bos(tokenizer: Any) -> Any:
+    """A copy of the tokenizer that puts its BOS before every text it encodes with special tokens."""
+    copy = deepcopy(tokenizer)
+    copy.add_bos_token = True  # tokenizers-backed classes rebuild their post-processor from it, others read it
+    if not adds_bos(copy):
+        raise UsageError(f"--bos every: cannot make this {type(tokenizer).__name__} add its BOS for lm-eval; "
+                         "use --bos auto or never")
+    return copy
 
 
 def load_tasks(settings: ZeroShotSettings) -> LoadedTasks:
@@ -68,8 +103,10 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, loaded: LoadedTasks,
     """{task: {metric: value, ..., "higher_is_better": {...}, "protocol": {...}, "seconds": s}} for each task."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
-    return {name: _run(lm, loaded.manager, task, settings) for name, task in loaded.tasks.items()}
+    lm_tok, add_bos_token, bos = lm_tokenizer(tokenizer, settings.bos)
+    lm = HFLM(pretrained=model, tokenizer=lm_tok, batch_size=settings.batch_size, add_bos_token=add_bos_token)
+    bos_protocol = {"bos": bos, "adds_bos": adds_bos(tokenizer)}
+    return {name: _run(lm, loaded.manager, task, settings, bos_protocol) for name, task in loaded.tasks.items()}
 
 
 @contextlib.contextmanager
@@ -111,7 +148,7 @@ def _load(manager, name: str):
     return loaded["tasks"][name]
 
 
-def _run(lm, manager, task, settings: ZeroShotSettings) -> dict:
+def _run(lm, manager, task, settings: ZeroShotSettings, bos_protocol: dict) -> dict:
     import lm_eval
 
     name = task.config.task
@@ -124,7 +161,8 @@ def _run(lm, manager, task, settings: ZeroShotSettings) -> dict:
     metrics = _metrics(out["results"][name])
     hib = out["higher_is_better"][name]
     return {**metrics, "higher_is_better": {m: hib[m] for m in metrics if m in hib},
-            "protocol": _protocol(task, manager, out, settings, lm.max_length), "seconds": round(seconds, 2)}
+            "protocol": _protocol(task, manager, out, settings, lm.max_length) | bos_protocol,
+            "seconds": round(seconds, 2)}
 
 
 def _metrics(result: dict) -> dict[str, float]:

@@ -7,12 +7,16 @@ from __future__ import annotations
 import torch
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["weight_matrix", "set_weight_matrix", "matrix_shape"]
+__all__ = ["weight_matrix", "as_matrix", "set_weight_matrix", "matrix_shape"]
 
 
 def weight_matrix(module: torch.nn.Module) -> torch.Tensor:
-    W = module.weight.data
-    return W.T if isinstance(module, Conv1D) else W
+    return as_matrix(module, module.weight.data)
+
+
+def as_matrix(module: torch.nn.Module, stored: torch.Tensor) -> torch.Tensor:
+    """A weight tensor in `module`'s storage layout, as [out, in]."""
+    return stored.T if isinstance(module, Conv1D) else stored
 
 
 def set_weight_matrix(module: torch.nn.Module, W: torch.Tensor) -> None:

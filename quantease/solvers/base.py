@@ -1,12 +1,21 @@
 """What every solver takes and returns, and the registry that names solvers in configs and checkpoints.
 
-A solver is a pure function  solve(W [q, p], Σ [p, p] | None, GridSpec, options) -> SolveResult.
+A solver is a pure function  solve(W [q, p], Σ [p, p] | None, GridSpec, options, target=None) -> SolveResult.
 It never sees files, models or devices other than those of its inputs. Σ = (1/N) Σ_n x_n x_nᵀ is the mean Gram
-matrix of the layer's inputs, so  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  is the mean squared output error per token.
+matrix of the layer's inputs X (the quantized model's), so  f(Ŵ) = tr((W - Ŵ) Σ (W - Ŵ)ᵀ)  is the mean squared
+output error per token: the layer objective ||W X - Ŵ X||² / N.
+
+With a propagated `Target` (GPTAQ, QEP) the objective is instead the error against the original model's output,
+    f(Ŵ) = ||W X_α - Ŵ X||² / N,   X_α = X + α (X_fp - X),
+where X_fp are the same tokens' inputs in the original model: error introduced by earlier layers is corrected
+rather than copied. Writing E = Ŵ - W, Δ = (X_fp - X) Xᵀ / N and Σ_d = (X_fp - X)(X_fp - X)ᵀ / N:
+    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ),        ∇f / 2 = E Σ - α W Δ,
+so only the residual changes (coordinate descent needs no inverse), and f = tr((Ŵ - W̃) Σ (Ŵ - W̃)ᵀ) + const with
+W̃ = W + α W Δ Σ⁻¹ (what GPTQ, which inverts Σ anyway, quantizes). α = 0, or X_fp = X, is the layer objective.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -14,18 +23,47 @@ import torch
 from .grid import Grid, GridSpec
 
 __all__ = [
+    "Target",
     "Outliers",
     "QuantizedWeight",
     "SolveResult",
     "SolverEntry",
     "register_solver",
+    "register_stacked",
+    "split_stacked",
     "get_solver",
     "solver_names",
     "layer_loss",
+    "output_energy",
+    "quadratic",
+    "loss_workspace",
 ]
+
+_SLAB = 1024  # columns of Σ converted to fp64 at a time by `quadratic`
 
 
 OUTLIER_STRUCTURES = ("unstructured", "column")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The propagated target's statistics (see the module docstring): Δ and Σ_d [p, p] in fp32, and α."""
+
+    delta: torch.Tensor  # Δ = (X_fp - X) Xᵀ / N
+    sigma_d: torch.Tensor  # Σ_d = (X_fp - X)(X_fp - X)ᵀ / N
+    alpha: float = 1.0
+
+    def shift(self, W: torch.Tensor) -> torch.Tensor:
+        """α W Δ [q, p]: what the target adds to W Σ in the residual  ∇f / 2 = Ŵ Σ - (W Σ + α W Δ)."""
+        return self.alpha * (W.float() @ self.delta)
+
+    def constant(self, W: torch.Tensor) -> float:
+        """α² tr(W Σ_d Wᵀ), in fp64: the error left when Ŵ = W."""
+        return self.alpha**2 * quadratic(W, self.sigma_d)
+
+    def restrict(self, index: torch.Tensor) -> "Target":
+        """The statistics of the inputs `index` only (a layer split by input columns)."""
+        return Target(self.delta[index][:, index], self.sigma_d[index][:, index], self.alpha)
 
 
 @dataclass
@@ -90,15 +128,48 @@ class SolveResult:
 
 
 class SolveFn(Protocol):
-    def __call__(self, W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any) -> SolveResult: ...
+    def __call__(self, W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any,
+                 target: Target | None = None) -> SolveResult: ...
 
 
-@dataclass(frozen=True)
+class StackedSolveFn(Protocol):
+    def __call__(self, Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: Any,
+                 target: Target | None = None) -> list[SolveResult]: ...
+
+
+# (q, p, options, propagated target?) -> peak bytes the solver allocates beyond its inputs W [q, p] and Σ (and Δ, Σ_d)
+Workspace = Callable[[int, int, Any, bool], int]
+
+
+def loss_workspace(q: int, p: int) -> int:
+    """Bytes `layer_loss` allocates: E [q, p] fp32 and fp64, then per slab of w = min(p, 1024) columns Σ's slab
+    [p, w] and E Σ's [q, w] in fp64."""
+    w = min(p, _SLAB)
+    return 12 * q * p + 8 * w * (p + q)
+
+
+def _generic_workspace(q: int, p: int, options: Any, target: bool) -> int:
+    """For a solver that declares none: four [p, p] and twelve [q, p] fp32 matrices (QuantEase's order of size)."""
+    return 16 * p * p + 48 * q * p
+
+
+@dataclass
 class SolverEntry:
     name: str
     solve: SolveFn
     options: type  # frozen dataclass of the solver's own options
     requires_calibration: bool
+    workspace: Workspace = _generic_workspace  # what the memory plan (plan.py) reserves for one solve
+    solve_stacked: StackedSolveFn | None = None  # several layers on one Σ at once; same results as one by one
+
+    def solve_group(self, Ws: list[torch.Tensor], sigma: torch.Tensor | None, spec: GridSpec, options: Any,
+                    target: Target | None = None) -> list[SolveResult]:
+        """Each layer of Ws solved on the Σ (and target) their shared input gives: stacked by rows into one problem
+        when the solver can (rows are independent in GPTQ and QuantEase, so the codes are those of one solve per
+        layer, and each column's work is as wide as all the layers together), else one by one."""
+        if self.solve_stacked is None or sigma is None or len(Ws) == 1:
+            return [self.solve(W, sigma, spec, options, target) for W in Ws]
+        return self.solve_stacked(Ws, sigma, spec, options, target)
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build the options dataclass, rejecting keys it does not have."""
@@ -116,16 +187,42 @@ class SolverEntry:
 _SOLVERS: dict[str, SolverEntry] = {}
 
 
-def register_solver(name: str, options: type, requires_calibration: bool = True) -> Callable[[SolveFn], SolveFn]:
-    """Register `solve` under `name`, the string written to quantease.json."""
+def register_solver(name: str, options: type, requires_calibration: bool = True,
+                    workspace: Workspace = _generic_workspace) -> Callable[[SolveFn], SolveFn]:
+    """Register `solve` under `name`, the string written to quantease.json; `workspace` estimates its peak memory."""
 
     def wrap(fn: SolveFn) -> SolveFn:
         if name in _SOLVERS:
             raise RuntimeError(f"solver {name!r} registered twice")
-        _SOLVERS[name] = SolverEntry(name, fn, options, requires_calibration)
+        _SOLVERS[name] = SolverEntry(name, fn, options, requires_calibration, workspace)
         return fn
 
     return wrap
+
+
+def register_stacked(name: str) -> Callable[[StackedSolveFn], StackedSolveFn]:
+    """Register the stacked form of the already registered solver `name`."""
+
+    def wrap(fn: StackedSolveFn) -> StackedSolveFn:
+        _SOLVERS[name].solve_stacked = fn
+        return fn
+
+    return wrap
+
+
+def split_stacked(result: SolveResult, Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec,
+                  target: Target | None) -> list[SolveResult]:
+    """One SolveResult per layer from a solve of the stacked rows cat(Ws): each layer's codes and grid rows, its own
+    loss, and the stacked solve's notes (they concern the shared Σ)."""
+    out, a = [], 0
+    for W in Ws:
+        s = slice(a, a + W.shape[0])
+        a = s.stop
+        grid = result.weight.grid.rows(s)
+        qw = replace(result.weight, codes=result.weight.codes[s], grid=grid)
+        loss = layer_loss(W.float(), qw.dequantize(), sigma, target)
+        out.append(SolveResult(qw, loss, [loss], list(result.notes)))
+    return out
 
 
 def get_solver(name: str) -> SolverEntry:
@@ -139,7 +236,28 @@ def solver_names() -> list[str]:
     return sorted(_SOLVERS)
 
 
-def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor) -> float:
-    """f(Ŵ) = tr(D Σ Dᵀ), D = Ŵ - W, accumulated in fp64 for a faithful report."""
-    D = (W_hat - W).double()
-    return float(((D @ sigma.double()) * D).sum())
+def quadratic(A: torch.Tensor, S: torch.Tensor) -> float:
+    """tr(A S Aᵀ) for A [q, p] and S [p, p], in fp64, converting a slab of S's columns at a time: an fp64 copy of a
+    14336-wide Σ would be 1.6 GB, the largest tensor of the solve."""
+    Ad = A.double()  # [q, p]
+    return sum(float((Ad @ S[:, j:j + _SLAB].double()).mul_(Ad[:, j:j + _SLAB]).sum())
+               for j in range(0, S.shape[1], _SLAB))
+
+
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
+    """f(Ŵ) = tr(E Σ Eᵀ), E = Ŵ - W, accumulated in fp64 for a faithful report; with a propagated target,
+    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ) = ||W X_α - Ŵ X||² / N."""
+    E = W_hat - W
+    f = quadratic(E, sigma)
+    if target is None:
+        return f
+    return f - 2 * float((E.double() * target.shift(W).double()).sum()) + target.constant(W)
+
+
+def output_energy(W: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
+    """||W X_α||² / N = tr(W Σ Wᵀ) + 2α tr(W Δ Wᵀ) + α² tr(W Σ_d Wᵀ), in fp64: what a relative error is relative to
+    (tr(W Σ Wᵀ) for the layer objective)."""
+    energy = quadratic(W, sigma)
+    if target is None:
+        return energy
+    return energy + 2 * float((target.shift(W).double() * W.double()).sum()) + target.constant(W)

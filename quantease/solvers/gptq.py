@@ -7,6 +7,9 @@ error moved onto the columns not yet quantized, which is the optimal correction 
     Q_j = q_j(W_j),    Err_j = (W_j - Q_j) / U_jj,    W_k ← W_k - Err_j U_jk   (k > j).
 Updates are lazy: inside a block of B columns each column collects the feedback of the block's earlier columns
 (one matvec), and after the block the later columns get W[:, i2:] -= Err U[i1:i2, i2:] as one matmul.
+With a propagated target (base.py; GPTAQ, QEP) f(Ŵ) = tr((Ŵ - W̃) H (Ŵ - W̃)ᵀ) + const, so the same algorithm runs
+on W̃ = W + α W Δ H⁻¹ (H⁻¹ = UᵀU from the factor GPTQ computes anyway), with the grids still fitted to W.
+The defaults are act-order with static groups, as production GPTQ (llm-compressor's actorder="static") runs.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError, UsageError
-from .base import QuantizedWeight, SolveResult, layer_loss, register_solver
+from .base import (QuantizedWeight, SolveResult, Target, layer_loss, loss_workspace, register_solver, register_stacked,
+                   split_stacked)
 from .grid import Grid, GridSpec, fit_grid
 
-__all__ = ["GPTQOptions", "check_layer", "solve"]
+__all__ = ["GPTQOptions", "check_layer", "solve", "solve_stacked", "workspace"]
 
 _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 
@@ -27,8 +31,8 @@ _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 class GPTQOptions:
     damp: float = 0.01  # λ = damp · mean(diag Σ) added to Σ's diagonal
     block_size: int = 128  # columns per lazy-update block
-    act_order: bool = False  # quantize columns in order of descending diag Σ
-    static_groups: bool = False  # fit every group's grid on the original W up front
+    act_order: bool = True  # quantize columns in order of descending diag Σ
+    static_groups: bool = True  # fit every group's grid on the original W up front (groups stay contiguous)
     max_damp_retries: int = 5  # Cholesky failures retried with 10x the damping each time
 
     def __post_init__(self) -> None:
@@ -50,24 +54,29 @@ def check_layer(W: torch.Tensor, sigma: torch.Tensor | None) -> None:
         raise NumericalError("NaN or Inf in the weight or its calibration statistics Σ")
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, str | None]:
+def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, str | None]:
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), retrying with 10x damping on failure.
 
-    If every try fails, U = I: each column is then rounded with no error feedback (RTN on the same grids)."""
-    p = H.shape[0]
-    eye = torch.eye(p, device=H.device)  # [p, p]
+    If every try fails, U is None: each column is then rounded with no error feedback (RTN on the same grids).
+    At most three [p, p] matrices besides H are alive at once (the damped copy or L, then L⁻ᵀL⁻¹, then U)."""
     mean_diag = float(torch.diagonal(H).mean())
     tried = []
     for _ in range(retries + 1):
         tried.append(damp)
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)  # [p, p] lower
+        Hd = H.clone()  # [p, p]
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)  # [p, p] lower
+        del Hd
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [p, p] upper
+            Hinv = torch.cholesky_inverse(L)  # [p, p]
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [p, p] upper
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 note = None if len(tried) == 1 else f"gptq: Cholesky failed with damp={tried[0]:g}, used damp={damp:g}"
                 return U, note
         damp = max(10 * damp, _FIRST_RETRY_DAMP)
-    return eye, f"gptq: Cholesky failed for every damp in {tried}; fell back to RTN"
+    return None, f"gptq: Cholesky failed for every damp in {tried}; fell back to RTN"
 
 
 def _block_width(block_size: int, group_size: int | None) -> int:
@@ -111,12 +120,22 @@ def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, 
     return codes
 
 
-@register_solver("gptq", GPTQOptions)
+def workspace(q: int, p: int, options: GPTQOptions, target: bool) -> int:
+    """The larger of the factorization (four [p, p] fp32: H, its damped copy, LAPACK's working copy and the factor,
+    with four [q, p]: W, its permuted copy, Wᵀ and the codes; measured 3.8 [p, p] on the CPU) and the loss (Ŵ,
+    uint8 codes and `loss_workspace`); a propagated target adds W̃'s two [q, p] temporaries."""
+    factor = 16 * p * p + 16 * q * p
+    loss = 5 * q * p + loss_workspace(q, p)
+    return max(factor, loss) + (8 * q * p if target else 0)
+
+
+@register_solver("gptq", GPTQOptions, workspace=workspace)
 @torch.no_grad()
-def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
-          options: GPTQOptions = GPTQOptions()) -> SolveResult:
+def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: GPTQOptions = GPTQOptions(),
+          target: Target | None = None) -> SolveResult:
     """GPTQ codes in original column order; g_idx maps each column to its group (non-contiguous with act_order
-    and dynamic groups). loss is f with the undamped Σ; notes record damping retries and the RTN fallback."""
+    and dynamic groups). loss is f with the undamped Σ (and the target); notes record damping retries and the RTN
+    fallback, which rounds W itself."""
     check_layer(W, sigma)
     W_orig = W.float()
     q, p = W_orig.shape
@@ -139,17 +158,36 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
         scale_t, zero_t, shift_t = (t.t().contiguous() for t in (grid.scale, grid.zero, grid.shift))  # [G, q]
         gpos = grid.g_idx[perm].tolist()
 
-    U, note = _inverse_cholesky(H[perm][:, perm], options.damp, options.max_damp_retries)  # [p, p]
+    H = H[perm][:, perm] if options.act_order else H  # [p, p] processing order
+    U, note = _inverse_cholesky(H, options.damp, options.max_damp_retries)  # [p, p]
+    del H
+    Wp = W[:, perm]  # [q, p] processing order
+    del W
+    if U is None:
+        U = torch.eye(p, device=Wp.device)
+    elif target is not None:  # W̃ = W + α W Δ H⁻¹, H⁻¹ = UᵀU
+        Wp = Wp + (target.shift(W_orig)[:, perm] @ U.t()) @ U
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
-    codes = _quantize_columns(W[:, perm].t().contiguous(), U, scale_t, zero_t, shift_t, gpos, spec, d[perm], dynamic,
-                              B)
+    Wt = Wp.t().contiguous()  # [p, q]
+    del Wp
+    codes = _quantize_columns(Wt, U, scale_t, zero_t, shift_t, gpos, spec, d[perm], dynamic, B)
+    del Wt, U  # only what the loss needs stays: at most [p, p] Σ and a few [q, p]
 
     if dynamic:
-        g_idx = torch.empty(p, dtype=torch.long, device=W.device)
-        g_idx[perm] = torch.tensor(gpos, device=W.device)
+        g_idx = torch.empty(p, dtype=torch.long, device=codes.device)
+        g_idx[perm] = torch.tensor(gpos, device=codes.device)
         offset = shift_t.t().contiguous() if spec.float_offset else None
         grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq, offset)
     # static groups: `grid` is the fitted one, unchanged
     qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
-    loss = layer_loss(W_orig, qw.dequantize(), sigma)  # undamped Σ
+    del codes
+    loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ
     return SolveResult(qw, loss, [loss], [note] if note else [])
+
+
+@register_stacked("gptq")
+def solve_stacked(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: GPTQOptions = GPTQOptions(),
+                  target: Target | None = None) -> list[SolveResult]:
+    """`solve` of each layer of Ws (all reading the input Σ describes) as one solve of their stacked rows: one
+    Cholesky, and each column's rounding and feedback one operation over every layer's rows."""
+    return split_stacked(solve(torch.cat(Ws), sigma, spec, options, target), Ws, sigma, spec, target)

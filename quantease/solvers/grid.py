@@ -103,6 +103,20 @@ class Grid:
         """o [q, G] in ŵ = s · c - o (exact: s · z for integer zero points)."""
         return self.scale * self.zero if self.offset is None else self.offset
 
+    def rows(self, s: slice) -> "Grid":
+        """The grid of rows s (a layer's share of a stacked solve)."""
+        return Grid(self.scale[s], self.zero[s], self.g_idx, self.maxq, None if self.offset is None else self.offset[s],
+                    {k: v[s] for k, v in self.params.items()})
+
+    @staticmethod
+    def stack(grids: list["Grid"]) -> "Grid":
+        """The grids of several layers' rows (same columns), one above the other."""
+        first = grids[0]
+        cat = lambda ts: torch.cat(ts)
+        return Grid(cat([g.scale for g in grids]), cat([g.zero for g in grids]), first.g_idx, first.maxq,
+                    None if first.offset is None else cat([g.offset for g in grids]),
+                    {k: cat([g.params[k] for g in grids]) for k in first.params})
+
     def columns(self, idx: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-column scale and zero, [q, p] (or [q, len(idx)])."""
         g = self.g_idx if idx is None else self.g_idx[idx]

@@ -11,7 +11,7 @@ out. Then alternate
                                                             iteration; P_s keeps the s largest |entries| or the s
                                                             columns of largest norm; values rounded to fp16)
 and return the iterate of least f, with plain QuantEase on W (H = 0) as one more candidate, so the result is never
-worse than plain QuantEase at the same bits. Unlike the reference code (whose outlier variant writes the CD result
+worse than plain QuantEase at the same bits. A propagated target (base.py) adds α W Δ to both gradients. Unlike the reference code (whose outlier variant writes the CD result
 into the wrong buffer and so returns W unquantized), Q is asserted to lie on the grid.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .base import Outliers, QuantizedWeight, SolveResult, get_solver, layer_loss
+from .base import Outliers, QuantizedWeight, SolveResult, Target, get_solver, layer_loss
 from .gptq import check_layer
 from .grid import GridSpec
 from .quantease import cd_sweep
@@ -69,7 +69,8 @@ def _initial(W: torch.Tensor, sigma: torch.Tensor, s: int, structure: str) -> Ou
 
 
 @torch.no_grad()
-def solve_with_outliers(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any) -> SolveResult:
+def solve_with_outliers(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: Any,
+                        target: Target | None = None) -> SolveResult:
     """Q + H of least f (see the module docstring). history: f of plain QuantEase, of (Q₀, H₀), then after each
     alternation (one CD sweep and one IHT step); it stops early when an alternation gains less than tol · f."""
     check_layer(W, sigma)
@@ -77,19 +78,23 @@ def solve_with_outliers(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridS
     q, p = W.shape
     qe = get_solver("quantease")
     inner = replace(options, outliers=0.0)
-    plain = qe.solve(W, Sigma, spec, inner)
+    plain = qe.solve(W, Sigma, spec, inner, target)
     s = outlier_count(options.outliers, p if options.outlier_structure == "column" else q * p)
     H = _initial(W, Sigma, s, options.outlier_structure)
-    start = qe.solve(W - H.dense(q, p), Sigma, spec, inner)
+    shift = None if target is None else target.shift(W)  # [q, p]
+    # Q₀ only starts the alternation: solved with the target as seen from W - H₀ (its shift differs from the exact
+    # α W Δ by α H₀ Δ); every later step and every f uses the exact shift
+    start = qe.solve(W - H.dense(q, p), Sigma, spec, inner, target)
     grid, Q = start.weight.grid, start.weight.dequantize()  # [q, p] on the grid
-    f = layer_loss(W, Q + H.dense(q, p), Sigma)
+    f = layer_loss(W, Q + H.dense(q, p), Sigma, target)
     history, best = [plain.loss, f], (f, Q, H)
     eta = 1 / max(lambda_max(Sigma), 1e-30)
     for _ in range(options.outlier_iters):
         Hd = H.dense(q, p)
-        Q = cd_sweep(Q, W - Hd, Sigma, grid, options.block_size, options.damp)
-        H = _project(Hd - eta * ((Q + Hd - W) @ Sigma), s, options.outlier_structure)  # IHT step
-        f_prev, f = f, layer_loss(W, Q + H.dense(q, p), Sigma)
+        Q = cd_sweep(Q, W - Hd, Sigma, grid, options.block_size, options.damp, shift)
+        grad = (Q + Hd - W) @ Sigma if shift is None else (Q + Hd - W) @ Sigma - shift  # ∇f / 2 in H
+        H = _project(Hd - eta * grad, s, options.outlier_structure)  # IHT step
+        f_prev, f = f, layer_loss(W, Q + H.dense(q, p), Sigma, target)
         history.append(f)
         if f < best[0]:
             best = (f, Q, H)
@@ -104,5 +109,5 @@ def solve_with_outliers(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridS
         qw = QuantizedWeight.from_codes(grid.quantize(best[1]), grid, spec)
         assert torch.equal(qw.dequantize(), best[1]), "iterate left the grid"
         qw.outliers = best[2]
-    return SolveResult(qw, layer_loss(W, qw.dequantize(), sigma), history, notes)
+    return SolveResult(qw, layer_loss(W, qw.dequantize(), sigma, target), history, notes)
 

@@ -10,6 +10,18 @@ and a sweep over all columns never increases f. Blocked like GPTQ: G is recomput
 columns (one matvec), and after the block the later columns get G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul.
 A relaxed sweep replaces q_j by clamping to the grid's range (the original code, linkedin/QuantEase, makes every
 third of its sweeps unrounded and unclamped). Damping (ridge λI) changes only the solve; f is always undamped.
+
+Propagated target (base.py): f(Ŵ) = ||W X_α - Ŵ X||² / N changes only the residual, G = (Ŵ - W) Σ - α W Δ; the
+sweep is the same, and its GPTQ initialization quantizes toward the same target.
+
+Grid refit (`refit` rounds, beyond the paper): with the codes c fixed, f is a convex quadratic in each group's scale
+s and zero z (Ŵ_g = s (c_g - z)). Group by group, with the residual G kept exact,
+    s ← s + t,   t = -⟨u, G_g⟩ / (u Σ_gg uᵀ),   u = c_g - z          (then rounded to fp16, as stored)
+    z ← clamp(round(z + τ), 0, 2^b - 1),   τ = Σ_j G'_gj / (s 1ᵀ Σ_gg 1)   (G' after the scale step; asymmetric only)
+per row at once: z stays an integer (the formats store integer zero points), and for a convex quadratic in one
+variable the nearest integer to the minimizer is the best integer. Each refit is followed by CD sweeps on the new
+grid; the iterate of least f over all rounds is returned. GGUF grids (float offsets, K-quant sub-block scales under
+one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 """
 from __future__ import annotations
 
@@ -18,11 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from .base import QuantizedWeight, SolveResult, get_solver, layer_loss, register_solver
+from . import cd_kernel
+from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
-from .grid import Grid, GridSpec, fit_grid
+from .gptq import workspace as gptq_workspace
+from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
-__all__ = ["QuantEaseOptions", "solve", "sweep_flops", "cd_sweep"]
+__all__ = ["QuantEaseOptions", "solve", "solve_stacked", "sweep_flops", "cd_sweep", "refit_grid", "workspace"]
 
 _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never active
 
@@ -38,6 +52,8 @@ class QuantEaseOptions:
     order: str = "natural"  # "natural" | "diag" (descending diag Σ)
     relax_sweeps: int = 0  # unrounded sweeps (clamped to the grid's range) before the rounded ones
     tol: float = 1e-3  # stop when a sweep improves f by less than tol · f
+    refit: int = 0  # rounds of (closed-form grid refit for the fixed codes, then CD sweeps) after the first CD
+    kernel: str = "auto"  # column loop: "auto" (compiled on CPU, solvers/cd_kernel.py) | "plain" (torch ops)
     damp: float = 0.0  # ridge λ = damp · mean(diag Σ) used by the solve only; the loss uses the undamped Σ
     block_size: int = 128  # columns per lazy-update block
     gptq_damp: float = 0.01  # options of the GPTQ initialization
@@ -57,9 +73,11 @@ class QuantEaseOptions:
             raise UsageError(f"quantease outlier_iters must be >= 1, got {self.outlier_iters}")
         if self.init not in ("gptq", "w"):
             raise UsageError(f"quantease init must be 'gptq' or 'w', got {self.init!r}")
+        if self.kernel not in ("auto", "plain"):
+            raise UsageError(f"quantease kernel must be 'auto' or 'plain', got {self.kernel!r}")
         if self.order not in ("natural", "diag"):
             raise UsageError(f"quantease order must be 'natural' or 'diag', got {self.order!r}")
-        for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers"):
+        for name in ("sweeps", "relax_sweeps", "tol", "damp", "outliers", "refit"):
             if getattr(self, name) < 0:
                 raise UsageError(f"quantease {name} must be >= 0, got {getattr(self, name)}")
         if self.block_size < 1:
@@ -78,23 +96,33 @@ def sweep_flops(q: int, p: int, block_size: int) -> float:
     return flops
 
 
-def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """Gᵀ = (Σ + λI)(Q - W)ᵀ and the undamped f(Q) = Σ D ⊙ DΣ."""
+def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float, Bt: torch.Tensor | None = None,
+              consts: tuple[float, ...] = (0.0,), segments: tuple[slice, ...] = (slice(None),)
+              ) -> tuple[torch.Tensor, list[float]]:
+    """Gᵀ = (Σ + λI)(Q - W)ᵀ - Bᵀ and, per segment of rows of Q (layers stacked on one Σ), the undamped
+    f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W, B = α W Δ (Bt None: the layer objective, Gᵀ = (Σ + λI) Dᵀ and
+    f = ⟨D, DΣ⟩). Each segment's f is summed over its own columns of Dᵀ, as a solve of that layer alone would."""
     Dt = Qt - Wt  # [p, q]
     Gt = Sigma @ Dt  # [p, q]
-    f = float((Dt * Gt).sum())
-    return Gt.add_(Dt, alpha=lam), f
+    fs = [float((Dt[:, s] * Gt[:, s]).sum()) for s in segments]
+    if Bt is not None:
+        fs = [f + c - 2 * float((Dt[:, s] * Bt[:, s]).sum()) for f, c, s in zip(fs, consts, segments)]
+        Gt.sub_(Bt)
+    return Gt.add_(Dt, alpha=lam), fs
 
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
-           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool) -> None:
+           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto") -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
     each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ on entry and is consumed.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
     In block i1:i2, new rows N₁, old Q₁, Σ₁:
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
-        V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec)."""
+        V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec).
+    kernel="auto" runs each block's column loop as one compiled kernel on CPU (cd_kernel.py); "plain" (and CUDA)
+    as torch ops, column by column."""
     p = Qt.shape[0]
+    compiled = kernel == "auto" and cd_kernel.usable(Qt, Sigma)
     dinv_list = dinv.tolist()
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
@@ -104,93 +132,255 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         V1 = Q1 - d1 * (Gt[i1:i2] - torch.tril(S1, -1) @ Q1)  # [B, q]
         N1 = Q1.clone()  # [B, q] new rows
         s1, z1, o1 = st[i1:i2], zt[i1:i2], ot[i1:i2]  # [B, q]
-        for i in range(i2 - i1):
-            if dinv_list[i1 + i] == 0:
-                continue
-            u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv_list[i1 + i])  # [q] real minimizer
-            if relaxed:  # the grid's range; its ends swap where s < 0 (GGUF's signed scales)
-                lo, hi = -o1[i], s1[i] * maxq - o1[i]
-                torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi), out=N1[i])
-            else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
-                c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
-                torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
+        if compiled:
+            cd_kernel.cd_block(N1, S1, V1, s1, z1, o1, dinv[i1:i2], maxq, relaxed)
+        else:
+            _column_loop(N1, S1, V1, s1, z1, o1, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], N1 - Q1)  # later columns see this block's change
         Qt[i1:i2] = N1
 
 
+def _column_loop(N1: torch.Tensor, S1: torch.Tensor, V1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
+                 o1: torch.Tensor, dinv: list[float], maxq: int, relaxed: bool) -> None:
+    """The reference column loop of one block (see `_sweep`), in place on N1 [B, q]."""
+    for i in range(N1.shape[0]):
+        if dinv[i] == 0:
+            continue
+        u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv[i])  # [q] real minimizer
+        if relaxed:  # the grid's range; its ends swap where s < 0 (GGUF's signed scales)
+            lo, hi = -o1[i], s1[i] * maxq - o1[i]
+            torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi), out=N1[i])
+        else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
+            c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
+            torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
+
+
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
-             damp: float = 0.0) -> torch.Tensor:
+             damp: float = 0.0, shift: torch.Tensor | None = None) -> torch.Tensor:
     """One rounded CD sweep (natural order) of Q [q, p], on `grid`, toward the target T [q, p]: the QuantEase update
-    for f(Q) = tr((Q - T) Σ (Q - T)ᵀ). Returns the new Q [q, p]; dead inputs keep their entries."""
+    for f(Q) = tr((Q - T) Σ (Q - T)ᵀ) - 2⟨Q, shift⟩ (shift = α W Δ of a propagated target, or None). Returns the new
+    Q [q, p]; dead inputs keep their entries."""
     Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
     st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
     ot = grid.column_shifts().t().contiguous()  # [p, q]
     d = torch.diagonal(sigma)
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
-    Gt, _ = _residual(Qt, Tt, sigma, lam)
+    Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
     _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False)
     return Qt.t()
 
 
-def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions
-                ) -> tuple[torch.Tensor, Grid, list[str]]:
+def refit_grid(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool,
+               shift: torch.Tensor | None = None) -> Grid:
+    """The grid of least f for the codes of W_hat [q, p] (on `grid`), one group at a time (module docstring).
+
+    G = (Ŵ - W) Σ - shift [q, p] is kept exact after each group, so each step minimizes f given the others. A row's
+    new (s, z) is taken only where its change Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ is negative: the fp16 rounding of s can make
+    the step a loss once s is already (nearly) optimal, and then the row keeps its grid, so f never increases."""
+    codes = grid.quantize(W_hat)  # [q, p]
+    scale, zero = grid.scale.clone(), grid.zero.clone()  # [q, G]
+    G = (W_hat - W) @ sigma  # [q, p]
+    if shift is not None:
+        G -= shift
+    fp16_max = torch.finfo(SCALE_DTYPE).max
+    for g in range(scale.shape[1]):
+        cols = torch.nonzero(grid.g_idx == g).flatten()  # [k]
+        S, Gg = sigma[cols][:, cols], G[:, cols]  # [k, k], [q, k]
+        s_old, z_old = scale[:, g], zero[:, g]  # [q]
+        u = codes[:, cols] - z_old[:, None]  # [q, k]
+        uS = u @ S  # [q, k]
+        den = (uS * u).sum(1)  # [q]
+        s_new = s_old - (u * Gg).sum(1) / den.clamp(min=1e-30)  # [q] exact minimizer in s
+        s_new = torch.where((den > 0) & (s_new > 0), s_new, s_old)  # a sign flip is never the least f here
+        s_new = s_new.clamp(_MIN_SCALE, fp16_max).to(SCALE_DTYPE).float()
+        z_new = z_old
+        a = float(S.sum())  # 1ᵀ Σ_gg 1, the same for every row
+        if not sym and a > 0:
+            Gs = Gg + (s_new - s_old)[:, None] * uS  # [q, k] residual after the scale step
+            z_new = (z_old + Gs.sum(1) / (s_new * a)).round().clamp(0, grid.maxq)
+        delta = s_new[:, None] * (codes[:, cols] - z_new[:, None]) - s_old[:, None] * u  # [q, k] change of Ŵ_g
+        gain = 2 * (delta * Gg).sum(1) + ((delta @ S) * delta).sum(1)  # [q] Δf of each row
+        take = gain < 0
+        delta[~take] = 0
+        G += delta @ sigma[cols]
+        scale[:, g], zero[:, g] = torch.where(take, s_new, s_old), torch.where(take, z_new, z_old)
+    return Grid(scale, zero, grid.g_idx, grid.maxq)
+
+
+def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+                target: Target | None) -> tuple[torch.Tensor, Grid, list[str]]:
     """Starting Ŵ, the grid CD keeps fixed, and notes from the initialization."""
     if options.init == "w":
         return W.clone(), fit_grid(W, spec, torch.diagonal(sigma)), []
     gptq = GPTQOptions(options.gptq_damp, act_order=options.gptq_act_order, static_groups=options.gptq_static_groups)
-    res = get_solver("gptq").solve(W, sigma, spec, gptq)
+    res = get_solver("gptq").solve(W, sigma, spec, gptq, target)
     return res.weight.dequantize(), res.weight.grid, list(res.notes)
 
 
-@register_solver("quantease", QuantEaseOptions)
+@dataclass
+class _Best:
+    """A segment's least-f iterate so far: f, its rows of Qᵀ [p, q_s] and the stacked grid they lie on."""
+
+    f: float
+    Qt: torch.Tensor
+    grid: Grid
+
+
+class _Problem:
+    """The CD problem of one layer, or of several layers stacked by rows on their shared Σ (`segments`: each layer's
+    rows), in the solver's working layout: columns permuted by `perm` (order="diag") and transposed, [p, q], so row j
+    of every tensor is column j of the layer; the grid travels with its columns. Rows never interact, so every
+    segment follows exactly the path it would alone; only the per-sweep bookkeeping (f, tol, keep-the-best) is per
+    segment."""
+
+    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None,
+                 segments: list[slice]):
+        d = torch.diagonal(Sigma)  # [p]
+        self.perm = torch.argsort(d, descending=True) if options.order == "diag" else None
+        self.inv = None if self.perm is None else torch.argsort(self.perm)
+        self.Wt = self.layout(W)  # [p, q]
+        self.Sigma, d = (Sigma, d) if self.perm is None else (Sigma[self.perm][:, self.perm], d[self.perm])
+        self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
+        self.lam = options.damp * float(d.mean())
+        self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
+        self.Bt = None if target is None else self.layout(target.shift(W))  # [p, q]
+        self.segments = tuple(segments)
+        self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
+        self.options = options
+
+    def layout(self, X: torch.Tensor) -> torch.Tensor:
+        """[q, p] original order -> [p, q] working layout."""
+        return (X if self.perm is None else X[:, self.perm]).t().contiguous()
+
+    def original(self, Xt: torch.Tensor) -> torch.Tensor:
+        return Xt.t().contiguous() if self.inv is None else Xt.t()[:, self.inv]
+
+    def use_grid(self, grid: Grid) -> None:
+        self.grid = grid
+        self.st, self.zt = (x.t().contiguous() for x in grid.columns(self.perm))  # [p, q]
+        self.ot = grid.column_shifts(self.perm).t().contiguous()  # [p, q]
+
+    def on_grid(self, Xt: torch.Tensor) -> torch.Tensor:
+        return self.grid.nearest(Xt, self.st, self.zt) * self.st - self.ot
+
+    def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
+
+    def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
+        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.ot, self.grid.maxq, self.options.block_size,
+               relaxed, self.options.kernel)
+
+    def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
+             active: list[bool]) -> None:
+        """Record each active segment's f and keep its rows when they are its best so far."""
+        for k, s in enumerate(self.segments):
+            if active[k]:
+                histories[k].append(fs[k])
+                if fs[k] < bests[k].f:
+                    bests[k] = _Best(fs[k], Qt[:, s].clone(), self.grid)
+
+    def descend(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
+                first_from_w: bool = False) -> None:
+        """Rounded sweeps from the quantized Qt (whose f per segment is given; from W when first_from_w) until every
+        segment has had a sweep that gains less than tol · its f; each segment records f only until then."""
+        Gt, _ = self.residual(Qt)
+        prev: list[float | None] = [None if first_from_w else f for f in fs]
+        active = [True] * len(self.segments)
+        for _ in range(self.options.sweeps):
+            self.sweep(Qt, Gt)
+            Gt, fs = self.residual(Qt)
+            self.keep(Qt, fs, bests, histories, active)
+            for k, f in enumerate(fs):
+                if active[k] and prev[k] is not None and prev[k] - f <= self.options.tol * prev[k]:
+                    active[k] = False
+                prev[k] = f
+            if not any(active):
+                break
+
+    def refit(self, W: torch.Tensor, Sigma: torch.Tensor, bests: list[_Best], sym: bool, target: Target | None,
+              histories: list[list[float]]) -> None:
+        """One refit round from every segment's best iterate, then CD sweeps on the new grid."""
+        W_hat = self.original(torch.cat([b.Qt for b in bests], dim=1))  # [q, p]
+        grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
+        self.use_grid(refit_grid(W, W_hat, Sigma, grid, sym, None if target is None else target.shift(W)))
+        Qt = self.layout(self.grid.dequantize(self.grid.quantize(W_hat)))
+        fs = self.residual(Qt)[1]
+        self.keep(Qt, fs, bests, histories, [True] * len(self.segments))
+        self.descend(Qt, fs, bests, histories)
+
+
+def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
+    """The larger of the GPTQ initialization's and the CD sweeps' working set: ten and a half [q, p] fp32 (Wᵀ, the
+    grid's scale and zero columns, the iterate, the best one, the residual G and the next residual with its D,
+    measured on the CPU); a propagated target adds its shift [q, p], outliers the dense H and gradient."""
+    init = gptq_workspace(q, p, GPTQOptions(), target) if options.init == "gptq" else 0
+    cd = 42 * q * p + (4 * q * p if target else 0)
+    return max(init, cd) + (8 * q * p if options.outliers > 0 else 0)
+
+
+@register_solver("quantease", QuantEaseOptions, workspace=workspace)
 @torch.no_grad()
 def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec,
-          options: QuantEaseOptions = QuantEaseOptions()) -> SolveResult:
-    """Ŵ with the least f among the initial quantized Ŵ and every rounded sweep's iterate.
+          options: QuantEaseOptions = QuantEaseOptions(), target: Target | None = None) -> SolveResult:
+    """Ŵ with the least f among the initial quantized Ŵ and every rounded sweep's (and refit's) iterate.
 
     history: f of the initial quantized Ŵ (RTN on the grid for init="w", whose sweeps start from W itself), then
-    f after each rounded sweep (fp32, undamped Σ). Relaxed iterates are off the grid and are not recorded."""
+    f after each rounded sweep, and after each refit followed by its sweeps (fp32, undamped Σ). Relaxed iterates
+    are off the grid and are not recorded."""
     if options.outliers > 0:
         from .outliers import solve_with_outliers
 
-        return solve_with_outliers(W, sigma, spec, options)
+        return solve_with_outliers(W, sigma, spec, options, target)
     check_layer(W, sigma)
-    W, Sigma = W.float(), sigma.float()
-    Q, grid, notes = _initialize(W, Sigma, spec, options)
-    d = torch.diagonal(Sigma)  # [p]
-    perm = torch.argsort(d, descending=True) if options.order == "diag" else torch.arange(W.shape[1], device=W.device)
-    inv = torch.argsort(perm)
-    Wt, Qt, Sigma, d = W[:, perm].t().contiguous(), Q[:, perm].t().contiguous(), Sigma[perm][:, perm], d[perm]
-    st, zt = (x.t().contiguous() for x in grid.columns(perm))  # [p, q] each column's grid travels with it
-    ot = grid.column_shifts(perm).t().contiguous()  # [p, q]
-    live = d > _DEAD * d.mean().clamp(min=0)
-    lam = options.damp * float(d.mean())
-    dinv = torch.where(live, 1 / (d + lam), torch.zeros_like(d))  # [p]
+    return _solve([W], sigma, spec, options, target)[0]
 
-    def on_grid(Xt: torch.Tensor) -> torch.Tensor:
-        return grid.nearest(Xt, st, zt) * st - ot
 
-    Qt[~live] = on_grid(Qt)[~live]  # dead inputs: nearest grid point, never updated
-    best = on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
-    Gt, f = _residual(Qt, Wt, Sigma, lam)
-    history = [f if options.init == "gptq" else _residual(best, Wt, Sigma, 0.0)[1]]
-    # f of the quantized iterate the next sweep starts from (None: it starts from W or a relaxed iterate)
-    prev: float | None = history[0] if options.init == "gptq" and not options.relax_sweeps else None
-    for _ in range(options.relax_sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, ot, grid.maxq, options.block_size, relaxed=True)
-        Gt, _ = _residual(Qt, Wt, Sigma, lam)
-    for _ in range(options.sweeps):
-        _sweep(Qt, Gt, Sigma, dinv, st, zt, ot, grid.maxq, options.block_size, relaxed=False)
-        Gt, f = _residual(Qt, Wt, Sigma, lam)
-        if f < min(history):
-            best = Qt.clone()
-        history.append(f)
-        if prev is not None and prev - f <= options.tol * prev:
-            break
-        prev = f
+@register_stacked("quantease")
+@torch.no_grad()
+def solve_stacked(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+                  target: Target | None = None) -> list[SolveResult]:
+    """`solve` of each layer of Ws (all reading the input Σ describes), as one problem with the rows stacked, so
+    each column update is one operation over every layer's rows. Same results as one solve per layer. Outlier-aware
+    QuantEase has a per-layer budget and runs one layer at a time."""
+    if options.outliers > 0:
+        return [solve(W, sigma, spec, options, target) for W in Ws]
+    for W in Ws:
+        check_layer(W, sigma)
+    return _solve(Ws, sigma, spec, options, target)
 
-    W_hat = best.t()[:, inv]  # [q, p] original column order
-    qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
-    assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
-    return SolveResult(qw, layer_loss(W, W_hat, sigma), history, notes)
+
+def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
+           target: Target | None) -> list[SolveResult]:
+    W, Sigma = torch.cat([w.float() for w in Ws]), sigma.float()  # [q, p] every layer's rows
+    ends = torch.tensor([w.shape[0] for w in Ws]).cumsum(0).tolist()
+    segments = [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
+    Q, grid, notes = _initialize(W, Sigma, spec, options, target)
+    prob = _Problem(W, Sigma, options, target, segments)
+    prob.use_grid(grid)
+    Qt = prob.layout(Q)
+    del Q
+    Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
+    start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
+    fs = prob.residual(start)[1]
+    histories = [[f] for f in fs]
+    bests = [_Best(f, start[:, s].clone(), grid) for f, s in zip(fs, segments)]
+    del start
+    from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
+    if options.relax_sweeps:
+        Gt, _ = prob.residual(Qt)
+        for _ in range(options.relax_sweeps):
+            prob.sweep(Qt, Gt, relaxed=True)
+            Gt, _ = prob.residual(Qt)
+    prob.descend(Qt, fs, bests, histories, first_from_w=from_w)
+    for _ in range(0 if spec.gguf else options.refit):  # a GGUF grid keeps llama.cpp's own scale fit
+        prob.refit(W, Sigma, bests, spec.sym, target, histories)
+
+    finals = [(prob.original(b.Qt), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
+    del prob, Qt, bests  # the working layout ([p, q] W, iterates, grid columns) before the losses are measured
+    results = []
+    for w, (W_hat, grid), history in zip(Ws, finals, histories):
+        qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
+        assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
+        results.append(SolveResult(qw, layer_loss(w.float(), W_hat, sigma, target), history, list(notes)))
+    return results
