@@ -305,8 +305,9 @@ class _Problem:
         """One refit round from every segment's best iterate, then CD sweeps on the new grid."""
         W_hat = self.original(torch.cat([b.Qt for b in bests], dim=1))  # [q, p]
         grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
+        codes = grid.quantize(W_hat)  # exact: Ŵ lies on `grid`; the refit keeps these codes
         self.use_grid(refit_grid(W, W_hat, Sigma, grid, sym, None if target is None else target.shift(W)))
-        Qt = self.layout(self.grid.dequantize(self.grid.quantize(W_hat)))
+        Qt = self.layout(self.grid.dequantize(codes))  # f no larger than the best's (refit_grid's guard)
         fs = self.residual(Qt)[1]
         self.keep(Qt, fs, bests, histories, [True] * len(self.segments))
         self.descend(Qt, fs, bests, histories)
