@@ -196,8 +196,11 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
     others = []
     for baseline in baselines:
         others.append(api.quantize(baseline, overwrite=overwrite, restart=restart, progress=not quiet))
-        print_layers_summary(others[-1])
+        if api.is_main_process():
+            print_layers_summary(others[-1])
     folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
+    if not api.is_main_process():  # under torchrun the other ranks are done: rank 0 reports, exports, evaluates
+        return
     print_layers_summary(folder)
     if fmt != "native":
         exported = export_checkpoint(folder, export_out or f"{folder}-{fmt}", fmt, overwrite=overwrite)
