@@ -525,6 +525,7 @@ class _Run:
 
     def finish(self, model_path: Path, calibration: dict[str, Any], fp: Fingerprint, started: float) -> None:
         self.log["total_s"] = round(time.perf_counter() - started, 3)
+        self.world.barrier("the end of the last block")  # every rank is done with its resume files
         if self.writer is None:  # the other ranks wait until rank 0 wrote the complete checkpoint
             self.world.barrier("the finished checkpoint")
             return
