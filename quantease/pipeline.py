@@ -17,6 +17,9 @@ activations stay on the device or are offloaded to host memory (models/activatio
 With target="propagated" the original model's hidden states travel beside the quantized ones: each block keeps a
 copy of its original weights, which runs on the original inputs, so every dense group's Σ is paired with the same
 tokens' original inputs (solvers/base.py, Target), and the copy's outputs are the next block's original inputs.
+
+Under torchrun every rank runs this loop on its share of the calibration batches; after each stage's Σ pass the
+sums are all-reduced, each layer is solved by one owner rank and shared with the others (distributed.py).
 """
 from __future__ import annotations
 
