@@ -14,8 +14,8 @@ Every rank runs the same block loop (pipeline.py) on its share of the calibratio
 Determinism: a batch is computed exactly as in the one-process run (same windows in it, same weights), so each
 batch's fp32 product xᵀx is bit-identical; the global fp64 sum differs from the one-process sum only in the order
 the per-batch products are added (per rank, then across ranks), a relative change of ~1e-16, far below fp32's
-ulp (6e-8) that Σ is rounded to for the solvers. Codes are then identical unless an fp64 sum falls within 1e-16 of
-an fp32 rounding boundary (probability ~2e-9 per entry), which flips that entry's last fp32 bit.
+ulp (1.2e-7 relative) that Σ is rounded to for the solvers. Codes are then identical unless an fp64 sum falls within
+1e-16 of an fp32 rounding boundary (probability ~1e-9 per entry), which flips that entry's last fp32 bit.
 
 World size 1 (no WORLD_SIZE in the environment) is a World that does nothing: no process group, the same code path.
 A failed or killed rank makes the others fail at their next collective: gloo sees the closed connection at once,
