@@ -5,7 +5,7 @@ DEVICE ?= auto
 LATEST ?= build/venv-latest
 
 .PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers \
-	bench-scale bench-distributed gpu-check
+	bench-scale bench-distributed gpu-check bench-gguf
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -68,3 +68,7 @@ bench-distributed:
 # The prepared GPU check (README "Scale"): at most 8 minutes on one H100/H200
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# GGUF exports of the default model read back by transformers' GGUF reader (README "GGUF"); BENCH_ARGS as above
+bench-gguf:
+	$(PY) scripts/bench_gguf.py $(BENCH_ARGS)

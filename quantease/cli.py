@@ -81,6 +81,9 @@ def _settings_options(f):
                      help="Symmetric grid (no zero point) or asymmetric."),
         click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
                      help="Grid range: min-max, or searched to minimize the rounding error."),
+        click.option("--grid", default="", metavar="gguf:TYPE",
+                     help="llama.cpp's grid of a GGUF type (q4_0, q5_0, q8_0, q4_1, q5_1, q2_k, q3_k, q4_k, q5_k, "
+                     "q6_k); it sets bits, group size and symmetry. Exports exactly with --format gguf."),
         click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
                      help="Solver option, e.g. -o sweeps=10 -o init=gptq (repeatable)."),
         click.option("--outliers", type=float, default=None,
@@ -142,6 +145,7 @@ def _config_values(ctx: click.Context, config_file, options, outliers, outlier_s
     values = {**recipe, **{k: v for k, v in settings.items() if k in given or k not in recipe}}
     values["method_options"] = {**recipe.get("method_options", {}), **_parse_options(options),
                                 **_outlier_options(values["method"], outliers, outlier_structure)}
+    _apply_grid(values, given | set(recipe))
     return values
 
 
@@ -150,9 +154,9 @@ def _config_values(ctx: click.Context, config_file, options, outliers, outlier_s
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--restart", is_flag=True, help="Discard a partial earlier run in --out instead of resuming it.")
 @click.option("--format", "fmt", default="native", show_default=True,
-              help="Also export the finished checkpoint: compressed-tensors or gptq (the native one stays in --out).")
-@click.option("--export-out", default=None, type=click.Path(file_okay=False),
-              help="Folder for --format's export (default: OUT-FORMAT).")
+              help="Also export the finished checkpoint: compressed-tensors, gptq or gguf (the native one stays in --out).")
+@click.option("--export-out", default=None, type=click.Path(),
+              help="Where --format's export goes (default: OUT-FORMAT, or OUT.gguf).")
 @click.option("--compare", default=None, metavar="METHODS",
               help="Also quantize with these methods (e.g. rtn,gptq) at the same settings, into OUT-METHOD, and add "
               "them to the --ppl table.")
@@ -186,13 +190,14 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         api.check_bos(config.model, ppl_bos or config.bos)
     if fmt != "native":
         from .checkpoint.export import export_checkpoint, precheck
-        from .models.reader import read_config, resolve_model_path
+        from .models.reader import resolve_model_path
 
         opts = config.solver_options()  # GPTQ's own, or the GPTQ initialization's of QuantEase
         act_order = getattr(opts, "act_order", getattr(opts, "gptq_act_order", False))
         static = getattr(opts, "static_groups", getattr(opts, "gptq_static_groups", True))
-        model_type = read_config(resolve_model_path(config.model, config.allow_pickle)).model_type
-        precheck(fmt, config.bits, config.group_size != -1 and act_order and not static, model_type)
+        spec = config.grid_spec()
+        precheck(fmt, spec, spec.independent_groups and act_order and not static,
+                 resolve_model_path(config.model, config.allow_pickle))
     others = []
     for baseline in baselines:
         others.append(api.quantize(baseline, overwrite=overwrite, restart=restart, progress=not quiet))
@@ -203,7 +208,9 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
         return
     print_layers_summary(folder)
     if fmt != "native":
-        exported = export_checkpoint(folder, export_out or f"{folder}-{fmt}", fmt, overwrite=overwrite)
+        from .checkpoint.export import default_destination
+
+        exported = export_checkpoint(folder, export_out or default_destination(folder, fmt), fmt, overwrite=overwrite)
         click.echo(f"exported {exported} ({fmt})")
     if ppl:
         _print_ppl([config.model, *map(str, others), str(folder)], _csv(ppl), ppl_seqlen, ppl_limit, config.device,
@@ -233,6 +240,21 @@ def plan_cmd(ctx, config_file, options, outliers, outlier_structure, **settings)
     click.echo(plan.text())
     if plan.problem:
         raise ResourceError(plan.problem)
+
+
+def _apply_grid(values: dict, given: set[str]) -> None:
+    """--grid gguf:TYPE sets bits, group size and symmetry; the ones also given (flag or recipe) must agree."""
+    from .config import grid_conflict, implied_grid
+
+    if not values.get("grid"):
+        return
+    implied = implied_grid(values["grid"])
+    conflicts = {k: values[k] for k in implied if k in given and values[k] != implied[k]}
+    if conflicts:
+        from .errors import UsageError
+
+        raise UsageError(grid_conflict(values["grid"], conflicts))
+    values.update(implied)
 
 
 def _outlier_options(method: str, outliers: float | None, structure: str | None) -> dict:
@@ -413,9 +435,10 @@ def inspect(folder, no_layers) -> None:
 
 @main.command("export")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", required=True, help="Target format: compressed-tensors (vLLM, transformers) or gptq.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--format", "fmt", required=True,
+              help="Target format: compressed-tensors (vLLM, transformers), gptq, or gguf (llama.cpp, ollama).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (gguf: the MODEL.gguf file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def export_cmd(folder, fmt, out, overwrite) -> None:
     """Export the quantease checkpoint FOLDER to a format that other tools load.
 
@@ -423,6 +446,7 @@ def export_cmd(folder, fmt, out, overwrite) -> None:
     Examples:
       quantease export out/w4 --format compressed-tensors --out out/w4-ct
       quantease export out/w3 --format gptq --out out/w3-gptq
+      quantease export out/q4k --format gguf --out out/q4k.gguf
     """
     from .checkpoint.export import export_checkpoint
 

@@ -10,8 +10,9 @@ import yaml
 from .data.windows import BOS_MODES
 from .errors import UsageError
 from .solvers import GridSpec, get_solver
+from .solvers.gguf_grid import GGUF_TYPES, gguf_type
 
-__all__ = ["QuantConfig", "read_yaml", "FORWARD_DTYPES"]
+__all__ = ["QuantConfig", "read_yaml", "implied_grid", "grid_conflict", "FORWARD_DTYPES"]
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -25,6 +26,7 @@ class QuantConfig:
     group_size: int = -1  # -1: one grid per output channel
     sym: bool = False
     clip: str = "minmax"  # grid range: "minmax" or "mse" (error-minimizing search)
+    grid: str = ""  # "": integer zero points (bits, group_size, sym); "gguf:TYPE": llama.cpp's grid of that type
     method_options: dict[str, Any] = field(default_factory=dict)  # the solver's own options, by name
     ffsplit: float = 0.0  # FFSplit heavy neurons per FFN: a fraction (< 1) or a count; 0 = off
     heavy_bits: int = 8  # bits of the heavy neurons' weights (2..8), or 16 = kept in fp16
@@ -45,11 +47,23 @@ class QuantConfig:
     allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
     def __post_init__(self) -> None:
+        if self.grid and (self.bits, self.group_size, self.sym) == (4, -1, False):  # not set: the type's
+            self.bits, self.group_size, self.sym = implied_grid(self.grid).values()
         self.validate()
 
     def validate(self) -> None:
+        if self.grid:
+            conflicts = {k: v for k, v in implied_grid(self.grid).items() if getattr(self, k) != v}
+            if conflicts:
+                raise UsageError(grid_conflict(self.grid, {k: getattr(self, k) for k in conflicts}))
+            if self.ffsplit:
+                raise UsageError("--ffsplit cannot be combined with --grid gguf:*: GGUF has no place for FFSplit's "
+                                 "parts; drop one of them")
+            if self.method_options.get("refit"):
+                raise UsageError("-o refit cannot be combined with --grid gguf:*: a GGUF grid's scales are "
+                                 "llama.cpp's own fit (its sub-block scales share one fp16 scale); drop one of them")
         try:
-            self.grid()
+            self.grid_spec()
             get_solver(self.method).make_options(self.method_options)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -73,20 +87,25 @@ class QuantConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UsageError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
-    def grid(self) -> GridSpec:
-        return GridSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip)
+    def grid_spec(self) -> GridSpec:
+        """The grid every layer is fitted on (a GGUF K-quant row that is not a multiple of 256 takes the fallback
+        type of GridSpec.for_columns)."""
+        gguf = self.grid.removeprefix("gguf:") if self.grid else ""
+        return GridSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip, gguf=gguf)
 
     def solver_options(self) -> Any:
         return get_solver(self.method).make_options(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings; the FFSplit and propagated-target ones only when on, so other runs' checkpoints (and their
-        fingerprints) stay as they were."""
+        """All settings; the FFSplit and propagated-target ones only when on and the grid only when it is a GGUF one,
+        so other runs' checkpoints (and their fingerprints) stay as they were."""
         values = asdict(self)
         if not self.ffsplit:
             del values["ffsplit"], values["heavy_bits"]
         if self.target == "layer":
             del values["target"], values["alpha"]
+        if not self.grid:
+            del values["grid"]
         return values
 
     @classmethod
@@ -116,3 +135,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of settings, not {type(values).__name__}")
     return values
+
+
+def implied_grid(grid: str) -> dict[str, Any]:
+    """bits, group_size, sym of a `--grid gguf:TYPE` setting (one scale per group of the type's sub-block)."""
+    name = grid.removeprefix("gguf:")
+    if not grid.startswith("gguf:") or name not in GGUF_TYPES:
+        raise UsageError(f"grid must be gguf:TYPE with TYPE one of {', '.join(GGUF_TYPES)}, got {grid!r}")
+    t = gguf_type(name)
+    return {"bits": t.bits, "group_size": t.sub, "sym": not t.has_min}
+
+
+def grid_conflict(grid: str, given: dict[str, Any]) -> str:
+    implied = implied_grid(grid)
+    what = ", ".join(f"{k}={v}" for k, v in given.items())
+    return (f"--grid {grid} sets bits={implied['bits']}, group_size={implied['group_size']}, sym={implied['sym']}; "
+            f"it conflicts with {what}: drop --bits/--group-size/--sym")

@@ -4,7 +4,7 @@
         load block i  ->  for each group of linears (data-flow order): Σ of its input -> solve each linear -> Ŵ in place
         ->  run the quantized block to get block i+1's inputs  ->  write block i's shard and the resume state
         ->  unload block i
-    ->  index, config, quantease.json, manifest (last)
+    ->  index, config, quantease.json, model card (README.md), manifest (last)
 
 The driver knows solvers only through the registry entry (name, options), never by type. A rerun of the same
 command continues after the last finished block (see checkpoint/resume.py).
@@ -38,7 +38,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__
-from .checkpoint.native import (FORMAT, FORMAT_VERSION, INFO, MANIFEST, RUN_LOG, TOKENIZER_FILES, CheckpointWriter,
+from .checkpoint.model_card import card_text
+from .checkpoint.native import (CARD, FORMAT, FORMAT_VERSION, INFO, MANIFEST, OUTER_SHARD, RUN_LOG, TOKENIZER_FILES,
+                                CheckpointWriter,
                                 effective_bits, encode)
 from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
@@ -81,16 +83,20 @@ class LayerRecord:
     tensors: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)  # entry fields that replace or add to the result's (FFSplit)
     objective: str = "layer"  # what loss measures: "layer" ||W X - Ŵ X||², "propagated" ||W X_α - Ŵ X||² (per token)
+    spec: GridSpec | None = None  # the layer's own grid when it is not the run's (a GGUF K-quant's fallback type)
 
     def info(self, spec: GridSpec, method: str) -> dict[str, Any]:
         r = self.result
         q, p = r.weight.shape
+        spec = self.spec or spec
         info = {
             "out_features": q, "in_features": p, "bits": spec.bits, "group_size": spec.group_size,
             "groups": int(r.weight.grid.scale.shape[1]), "sym": spec.sym, "method": method, "objective": self.objective,
             "loss": r.loss, "rel_error": r.loss / self.reference if self.reference > 0 else 0.0,
             "history": r.history, "notes": r.notes, "bits_per_weight": effective_bits(self.tensors, q, p),
         }
+        if spec.gguf:
+            info["gguf"] = spec.gguf
         if r.weight.outliers is not None:
             info["outliers"] = {"structure": r.weight.outliers.structure, "count": r.weight.outliers.count}
         if self.extra:  # a split layer: shape and loss of the whole layer, bits counted over all its tensors
@@ -127,19 +133,19 @@ def _solve_group(block: torch.nn.Module, names: tuple[str, ...], Ws: list[torch.
     method = config.method if fallback is None and sigma is not None else "rtn"
     entry = get_solver(method)
     options = config.solver_options() if method == config.method else entry.make_options()
-    results = entry.solve_group(Ws, sigma, config.grid(), options, target)
+    spec, other_grid = config.grid_spec().for_columns(Ws[0].shape[1])  # the group's layers share their inputs
+    results = entry.solve_group(Ws, sigma, spec, options, target)
     seconds = time.perf_counter() - start
     rows = sum(W.shape[0] for W in Ws)
     records = {}
     for name, W, result in zip(names, Ws, results):
         if sigma is None:  # no token reached the layer: nothing to measure its error on
             result.loss, result.history = 0.0, [0.0]
-        if fallback:
-            result.notes.append(fallback)
+        result.notes += [n for n in (other_grid, fallback) if n]
         set_weight_matrix(block.get_submodule(name), result.weight.dequantize())
         reference = 0.0 if sigma is None else output_energy(W, sigma, target)
         records[name] = LayerRecord(result, reference, seconds * W.shape[0] / rows, encode(result.weight),
-                                    objective=_objective(target))
+                                    objective=_objective(target), spec=spec if other_grid else None)
     return records
 
 
@@ -351,7 +357,7 @@ def _block_tensors(lazy: LazyModel, i: int, records: dict[str, LayerRecord]) -> 
 
 def check_model(lazy: LazyModel, config: QuantConfig) -> None:
     """Settings the model cannot take, refused before any work: group sizes, FFSplit."""
-    _check_shapes(lazy, config.grid())
+    _check_shapes(lazy, config.grid_spec())
     _check_ffsplit(lazy, config)
 
 
@@ -359,8 +365,9 @@ def _check_shapes(lazy: LazyModel, spec: GridSpec) -> None:
     """Fail before any work if the group size does not divide some layer's input size."""
     for block in lazy.blocks:
         for name in lazy.arch.block_linears(block):
+            p = matrix_shape(block.get_submodule(name))[1]
             try:
-                spec.groups(matrix_shape(block.get_submodule(name))[1])
+                spec.for_columns(p)[0].groups(p)
             except ValueError as e:
                 raise UsageError(f"{e} (layer {name})") from None
 
@@ -508,7 +515,7 @@ class _Run:
         trim_host_memory()  # the block's freed temporaries, before the next block's peak
         prefix = self.lazy.block_prefix(i)
         for name, rec in result.records.items():
-            self.layers[prefix + name] = rec.info(self.config.grid(), self.config.method)
+            self.layers[prefix + name] = rec.info(self.config.grid_spec(), self.config.method)
             self.log["layer_s"][prefix + name] = round(rec.seconds, 4)
         self.log["blocks_s"].append(round(time.perf_counter() - t0, 3))
         self.log.setdefault("block_forwards", []).append(round(result.forwards, 3))
@@ -540,7 +547,11 @@ class _Run:
         model_config = json.loads((model_path / "config.json").read_text())
         c = self.config
         model_config["quantization_config"] = {"quant_method": "quantease", "bits": c.bits, "group_size": c.group_size}
-        self.writer.finalize(model_config, _info(c, self.lazy, model_path, calibration, fp, self.layers))
+        info = _info(c, self.lazy, model_path, calibration, fp, self.layers)
+        last = self.writer.shard_name(len(self.lazy.blocks) - 1)
+        files = ["config.json", OUTER_SHARD, f"{self.writer.shard_name(0)} … {last}", INFO, MANIFEST]
+        self.writer.write_text(CARD, card_text(info, model_config, "native", files))
+        self.writer.finalize(model_config, info)
         self.resume.clear()
         self.world.barrier("the finished checkpoint")
 

@@ -169,14 +169,14 @@ def _blocks(lazy: LazyModel, sequential: bool) -> list[_Block]:
 def _layer_bytes(layer: _Layer, config: QuantConfig) -> int:
     """Stored bytes of one quantized linear: the native schema's tensors (outliers counted; FFSplit's heavy part
     approximated as its share of the layer at heavy_bits)."""
-    spec, opts = config.grid(), config.solver_options()
+    spec, opts = config.grid_spec().for_columns(layer.p)[0], config.solver_options()
     act_order = getattr(opts, "act_order", getattr(opts, "gptq_act_order", False))
     static = getattr(opts, "static_groups", getattr(opts, "gptq_static_groups", True))
     structure = getattr(opts, "outlier_structure", "unstructured")
     amount = getattr(opts, "outliers", 0.0)
     count = 0 if not amount else outlier_count(amount, layer.p if structure == "column" else layer.q * layer.p)
     dims = Dims(layer.q, layer.p, spec.bits, spec.groups(layer.p), spec.sym,
-                spec.group_size != -1 and act_order and not static, structure if amount else None, count)
+                spec.independent_groups and act_order and not static, structure if amount else None, count, spec.gguf)
     size = sum(math.prod(s.shape(dims)) * s.dtype.itemsize for s in quantized_schema() if s.when(dims))
     if config.ffsplit:
         share = config.ffsplit if config.ffsplit < 1 else config.ffsplit / max(layer.q, layer.p)

@@ -53,7 +53,8 @@ def inspect_text(folder: Path, problems: list[str], layers: bool = True) -> str:
         f"{folder}: " + ("manifest verified, every file intact" if not problems else "CORRUPT: " + "; ".join(problems)),
         f"model      {info['model']['source']} ({info['model']['model_type']}, {info['model']['blocks']} blocks)",
         f"method     {c['method']} {c['method_options'] or ''}".rstrip(),
-        f"grid       {c['bits']} bits, {group}, {'symmetric' if c['sym'] else 'asymmetric'}, clip {c['clip']}",
+        f"grid       {c['bits']} bits, {group}, {'symmetric' if c['sym'] else 'asymmetric'}, clip {c['clip']}"
+        + (f", {c['grid']} (llama.cpp's grid)" if c.get("grid") else ""),
         f"calib      {c['calib']}: {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}"
         + (f", BOS {info['calibration']['bos']} (--bos {c['bos']})" if "bos" in info["calibration"] else ""),
         f"bits/weight {s['bits_per_weight']:.3f} over {s['quantized_layers']} quantized layers "

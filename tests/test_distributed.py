@@ -118,6 +118,7 @@ def models(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     ("llama", {}),
     ("opt", {"target": "propagated", "alpha": 0.5}),  # Δ and Σ_d are reduced too
     ("mixtral", {"method": "gptq"}),
+    ("llama", {"grid": "gguf:q4_1", "bits": 4}),  # llama.cpp's grid: float offsets, travelling in the records
 ])
 def test_two_ranks_give_the_codes_of_one_process(family, extra, models, calib_file, tmp_path):
     """Mixtral routes each token to one of 4 experts: rank 1 holds one batch (96 tokens), so on its own it would see

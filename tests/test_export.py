@@ -312,7 +312,7 @@ def test_refuses_incomplete_source_and_existing_output(checkpoint, tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(CheckpointError, match="--overwrite"):
         export_checkpoint(checkpoint(4, 16, False), tmp_path / "x", "gptq")
-    with pytest.raises(UsageError, match="compressed-tensors, gptq"):
+    with pytest.raises(UsageError, match="compressed-tensors, gguf, gptq"):
         export_checkpoint(checkpoint(4, 16, False), tmp_path / "y", "awq")
 
 

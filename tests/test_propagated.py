@@ -20,7 +20,7 @@ from quantease.solvers.quantease import refit_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SOLVERS = {"rtn": {}, "gptq": {}, "quantease": {}, "quantease-refit": {"refit": 2},
+SOLVERS = {"rtn": {}, "gptq": {}, "quantease": {"refit": 0}, "quantease-refit": {"refit": 2},
            "quantease-outliers": {"outliers": 0.02, "outlier_iters": 3}}
 
 

@@ -7,6 +7,7 @@ Layout of DIR:
                                     tensors (norms, biases) unchanged
   model.safetensors.index.json      tensor name -> shard, as transformers writes for sharded models
   quantease.json                    settings, calibration fingerprint, per-layer errors, timings, effective bits
+  README.md                         the model card (Hugging Face front matter; checkpoint/model_card.py)
   run.json                          timings of the run that made it (varies run to run; not covered by the manifest)
   manifest.json                     size and sha256 of every file above; written last, so a folder without it is
                                     incomplete and every reader refuses it
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..solvers.base import Outliers, QuantizedWeight
+from ..solvers.gguf_grid import GGUF_TYPES, grid_from_params
 from ..solvers.grid import Grid
 from .packing import pack, packed_words, unpack
 from .resume import fault_point
@@ -59,6 +61,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "quantease.json"
 RUN_LOG = "run.json"  # timings of this particular run: not part of the checkpoint, so not in the manifest
+CARD = "README.md"  # the model card (checkpoint/model_card.py)
 OUTER_SHARD = "model-outer.safetensors"
 TOKENIZER_FILES = [  # copied from the model folder when present
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -77,6 +80,20 @@ class Dims(NamedTuple):
     perm: bool  # non-contiguous groups (act-order GPTQ without static groups)
     outliers: str | None = None  # None | "unstructured" | "column"
     count: int = 0  # outlier nonzeros (unstructured) or columns (column)
+    gguf: str = ""  # GGUF type of the grid ("" for integer zero points)
+
+    @property
+    def kind(self) -> str:
+        """"int" (scales and integer zero points), "min" (GGUF Q4_1/Q5_1) or "k" (GGUF K-quants)."""
+        return GGUF_TYPES[self.gguf].kind if self.gguf else "int"
+
+    @property
+    def gguf_min(self) -> bool:
+        return bool(self.gguf) and GGUF_TYPES[self.gguf].has_min
+
+    @property
+    def sub_bits(self) -> int:
+        return GGUF_TYPES[self.gguf].sub_bits if self.gguf else 0
 
 
 @dataclass(frozen=True)
@@ -91,11 +108,21 @@ def quantized_schema() -> tuple[TensorSchema, ...]:
     """The tensors stored for one quantized linear `NAME` (as NAME.suffix); zero points are packed along the
     output dimension (as GPTQ's qzeros), so that few groups per row do not waste a padded word each. Sparse
     outliers H (Ŵ = Q + H) are stored as flat indices i·p + j and fp16 values, or as column indices and the
-    [q, s] fp16 block of those columns."""
+    [q, s] fp16 block of those columns. GGUF grids store their format's fields: Q4_1/Q5_1 the fp16 minimum m
+    (Ŵ = d·c + m, d in scales); the K-quants per 256 weights d (super_scales) and dmin (super_mins) in fp16 and per
+    sub-block the integers sc (sub_scales; signed ones + 2^(sub_bits-1)) and m (sub_mins), packed at sub_bits."""
     return (
         TensorSchema("qweight", torch.int32, lambda d: (d.q, packed_words(d.p, d.bits))),
-        TensorSchema("scales", torch.float16, lambda d: (d.q, d.groups)),
-        TensorSchema("qzeros", torch.int32, lambda d: (d.groups, packed_words(d.q, d.bits)), lambda d: not d.sym),
+        TensorSchema("scales", torch.float16, lambda d: (d.q, d.groups), lambda d: d.kind != "k"),
+        TensorSchema("qzeros", torch.int32, lambda d: (d.groups, packed_words(d.q, d.bits)),
+                     lambda d: not d.sym and d.kind == "int"),
+        TensorSchema("mins", torch.float16, lambda d: (d.q, d.groups), lambda d: d.kind == "min"),
+        TensorSchema("super_scales", torch.float16, lambda d: (d.q, d.p // 256), lambda d: d.kind == "k"),
+        TensorSchema("super_mins", torch.float16, lambda d: (d.q, d.p // 256), lambda d: d.kind == "k" and d.gguf_min),
+        TensorSchema("sub_scales", torch.int32, lambda d: (d.q, packed_words(d.groups, d.sub_bits)),
+                     lambda d: d.kind == "k"),
+        TensorSchema("sub_mins", torch.int32, lambda d: (d.q, packed_words(d.groups, d.sub_bits)),
+                     lambda d: d.kind == "k" and d.gguf_min),
         TensorSchema("g_idx", torch.int32, lambda d: (d.p,), lambda d: d.perm),
         TensorSchema("outlier_idx", torch.int32, lambda d: (d.count,), lambda d: d.outliers == "unstructured"),
         TensorSchema("outlier_val", torch.float16, lambda d: (d.count,), lambda d: d.outliers == "unstructured"),
@@ -174,17 +201,22 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     G = grid.scale.shape[1]
     out = {
         "qweight": pack(qw.codes.cpu(), qw.bits),
-        "scales": grid.scale.cpu().to(torch.float16),
-        "qzeros": pack(grid.zero.cpu().T.to(torch.uint8), qw.bits),  # along q, as GPTQ
         "g_idx": grid.g_idx.cpu().to(torch.int32),
     }
+    if not qw.gguf or GGUF_TYPES[qw.gguf].kind != "k":
+        out["scales"] = grid.scale.cpu().to(torch.float16)
+    if grid.offset is None:
+        out["qzeros"] = pack(grid.zero.cpu().T.to(torch.uint8), qw.bits)  # along q, as GPTQ
+    elif not grid.params:
+        out["mins"] = (-grid.offset).cpu().to(torch.float16)
+    out.update(_encode_gguf_params(qw))
     o = qw.outliers
     if o is not None:
         key = ("outlier_cols", "outlier_colval") if o.structure == "column" else ("outlier_idx", "outlier_val")
         out.update(zip(key, (o.index.cpu().to(torch.int32), o.values.cpu().to(torch.float16))))
     q, p = qw.shape
     dims = Dims(q, p, qw.bits, G, qw.sym, not _contiguous(grid.g_idx, G), o.structure if o else None,
-                o.count if o else 0)
+                o.count if o else 0, qw.gguf)
     tensors = {}
     for s in quantized_schema():
         if s.when(dims):
@@ -192,6 +224,40 @@ def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
             assert t.dtype == s.dtype and tuple(t.shape) == s.shape(dims), s.suffix
             tensors[s.suffix] = t.contiguous()
     return tensors
+
+
+def _sub_bias(gguf: str) -> int:
+    """What a K-quant's signed sub-scales are stored offset by, so that they pack as unsigned fields."""
+    t = GGUF_TYPES[gguf]
+    return 2 ** (t.sub_bits - 1) if t.signed_sub else 0
+
+
+def _encode_gguf_params(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A K-quant's own fields (see `quantized_schema`)."""
+    params = qw.grid.params
+    if not params:
+        return {}
+    t = GGUF_TYPES[qw.gguf]
+    out = {"super_scales": params["d"].cpu().to(torch.float16),
+           "sub_scales": pack((params["sc"].cpu() + _sub_bias(qw.gguf)).to(torch.uint8), t.sub_bits)}
+    if t.has_min:
+        out["super_mins"] = params["dmin"].cpu().to(torch.float16)
+        out["sub_mins"] = pack(params["m"].cpu().to(torch.uint8), t.sub_bits)
+    return out
+
+
+def _decode_gguf_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Grid:
+    """The grid of a GGUF "min" or "k" layer, bit for bit the one its solver used."""
+    t = GGUF_TYPES[meta["gguf"]]
+    p, G = meta["in_features"], meta["groups"]
+    if t.kind == "min":
+        d, m = tensors["scales"].float(), tensors["mins"].float()
+        return Grid(d, -m / d, torch.arange(p, device=d.device) // t.sub, t.maxq, offset=-m)
+    params = {"d": tensors["super_scales"].float(),
+              "sc": unpack(tensors["sub_scales"], t.sub_bits, G).long() - _sub_bias(t.name)}
+    if t.has_min:
+        params.update(dmin=tensors["super_mins"].float(), m=unpack(tensors["sub_mins"], t.sub_bits, G).long())
+    return grid_from_params(t, params, p)
 
 
 def decode_outliers(tensors: dict[str, torch.Tensor]) -> Outliers | None:
@@ -207,6 +273,8 @@ def decode_grid(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple
     """Codes [q, p] and grid from one layer's stored tensors and its quantease.json entry."""
     q, p, bits, G = meta["out_features"], meta["in_features"], meta["bits"], meta["groups"]
     codes = unpack(tensors["qweight"], bits, p)
+    if meta.get("gguf") and GGUF_TYPES[meta["gguf"]].kind != "int":
+        return codes, _decode_gguf_grid(tensors, meta)
     scale = tensors["scales"].float()
     if "qzeros" in tensors:
         zero = unpack(tensors["qzeros"], bits, q).T.float()
@@ -287,6 +355,9 @@ class CheckpointWriter:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write_bytes(self.out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         return (self.out / name).stat().st_size
+
+    def write_text(self, name: str, text: str) -> None:
+        _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(text))
 
     def write_json(self, name: str, obj: Any) -> None:
         _atomic_write_bytes(self.out / name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False)))

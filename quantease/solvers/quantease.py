@@ -20,7 +20,8 @@ s and zero z (Ŵ_g = s (c_g - z)). Group by group, with the residual G kept exac
     z ← clamp(round(z + τ), 0, 2^b - 1),   τ = Σ_j G'_gj / (s 1ᵀ Σ_gg 1)   (G' after the scale step; asymmetric only)
 per row at once: z stays an integer (the formats store integer zero points), and for a convex quadratic in one
 variable the nearest integer to the minimizer is the best integer. Each refit is followed by CD sweeps on the new
-grid; the iterate of least f over all rounds is returned.
+grid; the iterate of least f over all rounds is returned. GGUF grids (float offsets, K-quant sub-block scales under
+one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 """
 from __future__ import annotations
 
@@ -44,14 +45,16 @@ _DEAD = 1e-10  # Σ_jj below this times mean(diag Σ): input treated as never ac
 class QuantEaseOptions:
     """Defaults measured on SmolLM2-135M layers (scripts/bench_solvers.py; 3/4 bits, per channel and group 64).
     Mean layer error relative to GPTQ's after 1 / 3 / 10 sweeps: from act-order GPTQ .78 / .77 / .76, from plain
-    GPTQ .90 / .86 / .84, from W 1.8 / 1.3 / 1.1. With tol=1e-3 the default stops after 6.5 sweeps on average."""
+    GPTQ .90 / .86 / .84, from W 1.8 / 1.3 / 1.1. With tol=1e-3 the default stops after 6.5 sweeps on average.
+    refit=2 on the whole model (README "Solvers"): W3 per channel PTB/wiki 114.5/173.8 -> 97.3/125.5, W4 55.2/30.6
+    -> 54.5/30.0."""
 
     sweeps: int = 10  # most rounded CD sweeps (tol usually stops earlier)
     init: str = "gptq"  # "gptq": start from GPTQ's Ŵ and grid; "w": Ŵ = W on fit_grid(W), first sweep rounds
     order: str = "natural"  # "natural" | "diag" (descending diag Σ)
     relax_sweeps: int = 0  # unrounded sweeps (clamped to the grid's range) before the rounded ones
     tol: float = 1e-3  # stop when a sweep improves f by less than tol · f
-    refit: int = 0  # rounds of (closed-form grid refit for the fixed codes, then CD sweeps) after the first CD
+    refit: int = 2  # rounds of (closed-form grid refit for the fixed codes, then CD sweeps) after the first CD
     kernel: str = "auto"  # column loop: "auto" (compiled on CPU, solvers/cd_kernel.py) | "plain" (torch ops)
     damp: float = 0.0  # ridge λ = damp · mean(diag Σ) used by the solve only; the loss uses the undamped Σ
     block_size: int = 128  # columns per lazy-update block
@@ -111,10 +114,11 @@ def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: floa
 
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
-           zt: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto") -> None:
+           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto") -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
     each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ on entry and is consumed.
-    dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. In block i1:i2, new rows N₁, old Q₁, Σ₁:
+    dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
+    In block i1:i2, new rows N₁, old Q₁, Σ₁:
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
         V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec).
     kernel="auto" runs each block's column loop as one compiled kernel on CPU (cd_kernel.py); "plain" (and CUDA)
@@ -129,27 +133,28 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         d1 = dinv[i1:i2, None]  # [B, 1]
         V1 = Q1 - d1 * (Gt[i1:i2] - torch.tril(S1, -1) @ Q1)  # [B, q]
         N1 = Q1.clone()  # [B, q] new rows
-        s1, z1 = st[i1:i2], zt[i1:i2]  # [B, q]
+        s1, z1, o1 = st[i1:i2], zt[i1:i2], ot[i1:i2]  # [B, q]
         if compiled:
-            cd_kernel.cd_block(N1, S1, V1, s1, z1, dinv[i1:i2], maxq, relaxed)
+            cd_kernel.cd_block(N1, S1, V1, s1, z1, o1, dinv[i1:i2], maxq, relaxed)
         else:
-            _column_loop(N1, S1, V1, s1, z1, dinv_list[i1:i2], maxq, relaxed)
+            _column_loop(N1, S1, V1, s1, z1, o1, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], N1 - Q1)  # later columns see this block's change
         Qt[i1:i2] = N1
 
 
 def _column_loop(N1: torch.Tensor, S1: torch.Tensor, V1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
-                 dinv: list[float], maxq: int, relaxed: bool) -> None:
+                 o1: torch.Tensor, dinv: list[float], maxq: int, relaxed: bool) -> None:
     """The reference column loop of one block (see `_sweep`), in place on N1 [B, q]."""
     for i in range(N1.shape[0]):
         if dinv[i] == 0:
             continue
         u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv[i])  # [q] real minimizer
-        if relaxed:
-            torch.clamp(u, -s1[i] * z1[i], s1[i] * (maxq - z1[i]), out=N1[i])
-        else:  # nearest grid point; Ŵ = s (c - z) exactly as Grid.dequantize computes it
+        if relaxed:  # the grid's range; its ends swap where s < 0 (GGUF's signed scales)
+            lo, hi = -o1[i], s1[i] * maxq - o1[i]
+            torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi), out=N1[i])
+        else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
             c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
-            torch.mul(c.sub_(z1[i]), s1[i], out=N1[i])
+            torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
 
 
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
@@ -159,11 +164,12 @@ def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, 
     Q [q, p]; dead inputs keep their entries."""
     Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
     st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
+    ot = grid.column_shifts().t().contiguous()  # [p, q]
     d = torch.diagonal(sigma)
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
     Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
-    _sweep(Qt, Gt, sigma, dinv, st, zt, grid.maxq, block_size, relaxed=False)
+    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False)
     return Qt.t()
 
 
@@ -223,10 +229,6 @@ class _Best:
     grid: Grid
 
 
-def _rows(grid: Grid, s: slice) -> Grid:
-    return Grid(grid.scale[s], grid.zero[s], grid.g_idx, grid.maxq)
-
-
 class _Problem:
     """The CD problem of one layer, or of several layers stacked by rows on their shared Σ (`segments`: each layer's
     rows), in the solver's working layout: columns permuted by `perm` (order="diag") and transposed, [p, q], so row j
@@ -259,16 +261,17 @@ class _Problem:
     def use_grid(self, grid: Grid) -> None:
         self.grid = grid
         self.st, self.zt = (x.t().contiguous() for x in grid.columns(self.perm))  # [p, q]
+        self.ot = grid.column_shifts(self.perm).t().contiguous()  # [p, q]
 
     def on_grid(self, Xt: torch.Tensor) -> torch.Tensor:
-        return self.st * (torch.clamp(torch.round(Xt / self.st) + self.zt, 0, self.grid.maxq) - self.zt)
+        return self.grid.nearest(Xt, self.st, self.zt) * self.st - self.ot
 
     def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
 
     def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
-        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.grid.maxq, self.options.block_size, relaxed,
-               self.options.kernel)
+        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.ot, self.grid.maxq, self.options.block_size,
+               relaxed, self.options.kernel)
 
     def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
              active: list[bool]) -> None:
@@ -301,11 +304,10 @@ class _Problem:
               histories: list[list[float]]) -> None:
         """One refit round from every segment's best iterate, then CD sweeps on the new grid."""
         W_hat = self.original(torch.cat([b.Qt for b in bests], dim=1))  # [q, p]
-        grid = Grid(torch.cat([_rows(b.grid, s).scale for b, s in zip(bests, self.segments)]),
-                    torch.cat([_rows(b.grid, s).zero for b, s in zip(bests, self.segments)]),
-                    bests[0].grid.g_idx, bests[0].grid.maxq)
+        grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
+        codes = grid.quantize(W_hat)  # exact: Ŵ lies on `grid`; the refit keeps these codes
         self.use_grid(refit_grid(W, W_hat, Sigma, grid, sym, None if target is None else target.shift(W)))
-        Qt = self.layout(self.grid.dequantize(self.grid.quantize(W_hat)))
+        Qt = self.layout(self.grid.dequantize(codes))  # f no larger than the best's (refit_grid's guard)
         fs = self.residual(Qt)[1]
         self.keep(Qt, fs, bests, histories, [True] * len(self.segments))
         self.descend(Qt, fs, bests, histories)
@@ -374,10 +376,10 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
             prob.sweep(Qt, Gt, relaxed=True)
             Gt, _ = prob.residual(Qt)
     prob.descend(Qt, fs, bests, histories, first_from_w=from_w)
-    for _ in range(options.refit):
+    for _ in range(0 if spec.gguf else options.refit):  # a GGUF grid keeps llama.cpp's own scale fit
         prob.refit(W, Sigma, bests, spec.sym, target, histories)
 
-    finals = [(prob.original(b.Qt), _rows(b.grid, s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
+    finals = [(prob.original(b.Qt), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
     del prob, Qt, bests  # the working layout ([p, q] W, iterates, grid columns) before the losses are measured
     results = []
     for w, (W_hat, grid), history in zip(Ws, finals, histories):
