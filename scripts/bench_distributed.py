@@ -30,7 +30,8 @@ def run(cmd: list[str], threads: int) -> float:
 def quantize_cmd(args: argparse.Namespace, out: Path) -> list[str]:
     return ["-m", "quantease", "quantize", args.model, "--out", str(out), "--method", "quantease", "--bits",
             str(args.bits), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size",
-            str(args.batch_size), "--device", "cpu", "--quiet", "--overwrite"]
+            str(args.batch_size), "--device", "cpu", "--quiet", "--overwrite",
+            *(x for o in args.options for x in ("-o", o))]
 
 
 def same_codes(a: Path, b: Path) -> tuple[int, int]:
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="QuantEase option, as quantize's -o (repeatable)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of the one process; each rank gets threads/nproc")
     p.add_argument("--predict", default="2,8", help="rank counts to predict from the one-process run")
@@ -106,7 +109,7 @@ def main() -> None:
     differ, total = same_codes(one, many)
     result = {
         "protocol": {k: getattr(args, k) for k in ("model", "bits", "nsamples", "seqlen", "batch_size", "nproc",
-                                                    "threads")},
+                                                    "threads", "options")},
         f"1 process x {args.threads} threads": summary(one, wall_one),
         f"{args.nproc} processes x {max(1, args.threads // args.nproc)} thread(s)": summary(many, wall_many),
         "tensors that differ": f"{differ} of {total}",
