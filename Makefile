@@ -5,7 +5,7 @@ DEVICE ?= auto
 LATEST ?= build/venv-latest
 
 .PHONY: install test test-fast test-latest constraints bench bench-solvers bench-pipeline bench-outliers bench-peers \
-	bench-scale gpu-check bench-gguf
+	bench-scale bench-distributed gpu-check bench-gguf
 
 # The README's install: torch first (the CPU build), then everything at the versions of constraints.txt.
 install:
@@ -59,6 +59,11 @@ bench-peers: $(PEERS)/bin/python
 # the protocol, e.g. BENCH_ARGS="--blocks 3 --dtype float32"
 bench-scale:
 	$(PY) scripts/bench_scale.py --device $(DEVICE) $(BENCH_ARGS)
+
+# One process x 2 threads vs torchrun 2 processes x 1 thread, default model W4 QuantEase at 16 x 2048 (README
+# "Many GPUs and nodes"); BENCH_ARGS e.g. "--nproc 4 --threads 4 --predict 4,8"
+bench-distributed:
+	$(PY) scripts/bench_distributed.py $(BENCH_ARGS)
 
 # The prepared GPU check (README "Scale"): at most 8 minutes on one H100/H200
 gpu-check:

@@ -16,6 +16,7 @@ from .errors import UsageError
 from .eval.perplexity import PerplexityResult, perplexity_on
 from .eval.zeroshot import LoadedTasks, ZeroShotSettings, evaluate_tasks, load_tasks, result_key
 from .data.sources import load_text
+from .distributed import is_main_process
 from .models.builtin import BUILTIN_MODELS, cache_dir
 from .models.reader import resolve_model_path
 from .pipeline import check_model, open_model, quantize
@@ -23,6 +24,7 @@ from .plan import Plan, check_disk, make_plan
 from .resources import resolve_device
 
 __all__ = ["QuantConfig", "ZeroShotSettings", "Plan", "quantize", "plan", "load", "load_tokenizer", "check_bos",
+           "is_main_process",
            "evaluate", "evaluate_perplexity", "evaluate_zeroshot", "results_path", "stored_results"]
 
 

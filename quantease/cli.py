@@ -201,8 +201,11 @@ def quantize(ctx, config_file, options, outliers, outlier_structure, overwrite, 
     others = []
     for baseline in baselines:
         others.append(api.quantize(baseline, overwrite=overwrite, restart=restart, progress=not quiet))
-        print_layers_summary(others[-1])
+        if api.is_main_process():
+            print_layers_summary(others[-1])
     folder = api.quantize(config, overwrite=overwrite, restart=restart, progress=not quiet)
+    if not api.is_main_process():  # under torchrun the other ranks are done: rank 0 reports, exports, evaluates
+        return
     print_layers_summary(folder)
     if fmt != "native":
         from .checkpoint.export import default_destination
@@ -465,11 +468,16 @@ Examples:
 @click.option("--index", type=int, default=None, envvar="SLURM_ARRAY_TASK_ID",
               help="Run only job N (default: $SLURM_ARRAY_TASK_ID when set).")
 @click.option("--print-jobs", is_flag=True, help="List the runs and write OUT/sweep.sbatch and OUT/jobs.json; run nothing.")
+@click.option("--nproc-per-node", default=1, show_default=True, type=click.IntRange(1),
+              help="Run each job as torch.distributed processes (GPUs) per node, through torchrun.")
+@click.option("--nnodes", default=1, show_default=True, type=click.IntRange(1),
+              help="Nodes per job in the sbatch script (srun torchrun on each).")
 @click.option("--quiet", is_flag=True)
-def sweep(sweep_file, out, index, print_jobs, quiet) -> None:
+def sweep(sweep_file, out, index, print_jobs, nproc_per_node, nnodes, quiet) -> None:
     """Run a grid of quantizations (and evaluations) from SWEEP_FILE; failed runs do not stop the others."""
+    from .distributed import is_main_process
     from .errors import SweepError, UsageError
-    from .sweep import load_sweep, record_status, run_job, sbatch_script
+    from .sweep import launch_job, load_sweep, record_status, run_job, sbatch_script
 
     spec, out = load_sweep(sweep_file), Path(out)
     jobs = spec.jobs(out)
@@ -477,21 +485,30 @@ def sweep(sweep_file, out, index, print_jobs, quiet) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "jobs.json").write_text(json.dumps([{"index": j.index, "name": j.name, "config": j.config.to_dict()}
                                                    for j in jobs], indent=1))
-        (out / "sweep.sbatch").write_text(sbatch_script(Path(sweep_file), out, jobs))
+        (out / "sweep.sbatch").write_text(sbatch_script(Path(sweep_file), out, jobs, nproc_per_node, nnodes))
         for j in jobs:
             click.echo(f"{j.index:>4}  {j.name}")
         click.echo(f"{len(jobs)} jobs; wrote {out / 'jobs.json'} and {out / 'sweep.sbatch'}")
         return
     if index is not None and not 0 <= index < len(jobs):
         raise UsageError(f"--index {index} is outside the sweep's {len(jobs)} jobs (0..{len(jobs) - 1})")
+    if nnodes > 1 and not print_jobs:
+        raise UsageError("--nnodes is for the sbatch script (--print-jobs); a local sweep runs on this node")
+    spawn = nproc_per_node > 1 and "WORLD_SIZE" not in os.environ  # else: already a rank of a torchrun job
     failed = []
     for job in jobs if index is None else [jobs[index]]:
         click.echo(f"[{job.index}/{len(jobs) - 1}] {job.name}", err=True)
         try:
+            if spawn:
+                code = launch_job(Path(sweep_file), out, job, nproc_per_node, quiet)
+                if code:
+                    failed.append({"name": job.name, "error": f"torchrun exited with {code}"})
+                continue
             run_job(job, spec.eval, progress=not quiet)
-            record_status(out, job, None)
+            if is_main_process():
+                record_status(out, job, None)
         except Exception as e:  # noqa: BLE001 — a failed run is recorded and the sweep goes on
-            status = record_status(out, job, e)
+            status = record_status(out, job, e) if is_main_process() else {"name": job.name, "error": str(e)}
             failed.append(status)
             click.echo(f"  failed: {status['error']}", err=True)
     if failed:

@@ -11,6 +11,7 @@ __all__ = [
     "NumericalError",
     "ResourceError",
     "SweepError",
+    "DistributedError",
 ]
 
 
@@ -62,3 +63,9 @@ class SweepError(QuantEaseError):
     """Some runs of a sweep failed (the others finished)."""
 
     exit_code = 9
+
+
+class DistributedError(QuantEaseError):
+    """A multi-process run lost a rank (killed, failed or hung) or could not form its process group."""
+
+    exit_code = 10

@@ -17,6 +17,9 @@ activations stay on the device or are offloaded to host memory (models/activatio
 With target="propagated" the original model's hidden states travel beside the quantized ones: each block keeps a
 copy of its original weights, which runs on the original inputs, so every dense group's Σ is paired with the same
 tokens' original inputs (solvers/base.py, Target), and the copy's outputs are the next block's original inputs.
+
+Under torchrun every rank runs this loop on its share of the calibration batches; after each stage's Σ pass the
+sums are all-reduced, each layer is solved by one owner rank and shared with the others (distributed.py).
 """
 from __future__ import annotations
 
@@ -43,9 +46,10 @@ from .checkpoint.resume import Fingerprint, ResumeState, fault_point
 from .config import QuantConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, fingerprint, tokenize
+from .distributed import World, assign_owners
 from .errors import CheckpointError, NumericalError, ResourceError, UsageError
 from .models.activations import Activations
-from .models.capture import BlockInputs, Call, capture_block_inputs, clock, collect_grams, run_block
+from .models.capture import BlockInputs, Call, capture_block_inputs, clock, collect_grams, reduce_grams, run_block
 from .models.reuse import PassCache
 from .models.layers import matrix_shape, set_weight_matrix, weight_matrix
 from .models.reader import LazyModel, checkpoint_dtype, open_index, read_config, resolve_model_path
@@ -185,11 +189,12 @@ def _heavy_neurons(W_down: torch.Tensor, sigma_down: torch.Tensor, config: Quant
 
 
 class _Seconds:
-    """A block's time split: block passes, Σ accumulation (inside those passes, timed apart) and layer solves."""
+    """A block's time split: block passes, Σ accumulation (inside those passes, timed apart) and layer solves; with
+    several ranks also "comm", the collectives (Σ all-reduce, sharing solved layers), and those collectives."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.split = {"forward": 0.0, "sigma": 0.0, "solve": 0.0}
+    def __init__(self, world: World):
+        self.world, self.device = world, world.device
+        self.split = {"forward": 0.0, "sigma": 0.0, "solve": 0.0} | ({"comm": 0.0} if world.size > 1 else {})
 
     def run(self, block: torch.nn.Module, inputs: BlockInputs, cache: PassCache | None) -> Activations:
         t0 = clock(self.device)
@@ -204,18 +209,43 @@ class _Seconds:
         sigma = sum(g.seconds for g in grams.values())
         self.split["forward"] += clock(self.device) - t0 - sigma
         self.split["sigma"] += sigma
+        if self.world.size == 1:
+            return grams
+        t0 = clock(self.device)
+        grams = reduce_grams(grams, groups, self.world, lambda g: matrix_shape(block.get_submodule(g[0]))[1],
+                             pairing[2] if pairing else set(), self.device)
+        self.split["comm"] += clock(self.device) - t0
         return grams
+
+    def share(self, block: torch.nn.Module, done: dict[str, "LayerRecord"], order: list[str]
+              ) -> dict[str, "LayerRecord"]:
+        """The layers every rank solved in this stage, in the one-process order; those another rank solved get
+        their Ŵ put into this rank's block (sent as is for an FFSplit layer, dequantized from the codes else)."""
+        if self.world.size == 1:
+            return done
+        t0 = clock(self.device)
+        mine = {n: (r, weight_matrix(block.get_submodule(n)) if r.extra else None) for n, r in done.items()}
+        merged = dict(done)
+        for rank, part in enumerate(self.world.all_gather(mine, "sharing the solved layers")):
+            for name, (record, W_hat) in part.items():
+                if rank != self.world.rank:
+                    set_weight_matrix(block.get_submodule(name),
+                                      record.result.weight.dequantize() if W_hat is None else W_hat)
+                    merged[name] = record
+        self.split["comm"] += clock(self.device) - t0
+        return {n: merged[n] for n in order}
 
 
 def quantize_block(
     block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
     observe: Callable[[str, torch.Tensor], None] | None = None, reference: Activations | None = None,
-    weights: WeightSource | None = None,
+    weights: WeightSource | None = None, world: World | None = None,
 ) -> BlockResult:
     """Quantize every linear of one block in place; return their records, the block's output hidden states, given
     the original model's input hidden states (`reference`, target="propagated") the original's outputs, the time
     split and the block forwards the passes cost. `weights` gives each linear's original fp32 weight (default: the
-    block's own, upcast).
+    block's own, upcast). `world`: this rank's place in a multi-process run (distributed.py); `inputs` are then
+    its share of the batches, and each layer is solved by one rank and shared with the others.
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
     down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py. Routed experts
@@ -223,16 +253,36 @@ def quantize_block(
     are reused between the passes where nothing they depend on changed (models/reuse.py). Each group's fp64
     accumulator is dropped once its Σ is taken, so a block never holds more than one stage's."""
     weights = weights or (lambda name: weight_matrix(block.get_submodule(name)).float())
+    world = world or World(inputs.hidden.device)
     original = copy.deepcopy(block) if reference is not None else None  # the original weights, for the reference
     linears = arch.block_linears(block)
     dense = [n for n in linears if not arch.is_expert(n)]  # what block forwards are counted in
     caches = tuple(None if b is None else PassCache(b, _reusable(b, linears), dense) for b in (block, original))
     with caches[0], (caches[1] or contextlib.nullcontext()):
         records, outputs, ref_outputs, seconds = _quantize_block(block, arch, inputs, config, observe, reference,
-                                                                 weights, original, caches)
+                                                                 weights, original, caches, world)
         full = outputs.tokens * sum(block.get_submodule(n).weight.numel() for n in dense)  # one forward's multiply-adds
         work = sum(c.work for c in caches if c is not None) / full if full else 0.0
     return BlockResult(records, outputs, ref_outputs, seconds, work)
+
+
+def _owned(block: torch.nn.Module, arch: ArchSpec, stage: list[tuple[str, ...]],
+           grams: dict[tuple[str, ...], Any], config: QuantConfig, world: World) -> set[str]:
+    """The layers of `stage` this rank solves. Each layer is a unit of cost q·p² (a layer rounded with RTN, q·p),
+    bin-packed over the ranks: the layers of a stacked group may go to different ranks, each solving its share as
+    one stacked problem, which gives the same codes (rows never interact; solvers/base.py solve_group)."""
+    names = [n for g in stage for n in g]
+    if world.size == 1:
+        return set(names)
+    costs = {}
+    for group in stage:
+        tokens = grams[group].count if group in grams else None
+        for name in group:
+            module = block.get_submodule(name)
+            q, p = matrix_shape(module)
+            solved = tokens is not None and _starved(arch, name, module, tokens, config.method) is None
+            costs[name] = float(q * p * p if solved else q * p)
+    return {n for n, r in assign_owners(costs, world.size).items() if r == world.rank}
 
 
 def _reusable(block: torch.nn.Module, linears: list[str]) -> list[str]:
@@ -243,9 +293,9 @@ def _reusable(block: torch.nn.Module, linears: list[str]) -> list[str]:
 def _quantize_block(block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
                     observe: Callable[[str, torch.Tensor], None] | None, reference: Activations | None,
                     weights: WeightSource, original: torch.nn.Module | None,
-                    caches: tuple[PassCache | None, PassCache | None]
+                    caches: tuple[PassCache | None, PassCache | None], world: World
                     ) -> tuple[dict[str, LayerRecord], Activations, Activations | None, dict[str, float]]:
-    seconds = _Seconds(inputs.hidden.device)
+    seconds = _Seconds(world)
     original_outputs = None if config.propagate else seconds.run(block, inputs, caches[0])
     stages = arch.stages(block, config.sequential)
     paired = {g for stage in stages for g in stage if not any(arch.is_expert(n) for n in g)}
@@ -261,6 +311,9 @@ def _quantize_block(block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs,
         grams = seconds.grams(block, stage + down, inputs, pairing, caches)
         if scoring:
             heavy, stats = _heavy_neurons(weights(ffn.down), grams[(ffn.down,)].sigma(), config)
+        first = {n for g in stage for n in g if n in axis and heavy is not None}  # FFSplit layers: solved first
+        mine = _owned(block, arch, stage, grams, config, world)
+        done: dict[str, LayerRecord] = {}
         for group in stage:
             gram = grams.pop(group, None)
             sigma = None if gram is None else gram.sigma()
@@ -270,15 +323,15 @@ def _quantize_block(block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs,
             if observe and sigma is not None:
                 for name in group:
                     observe(name, sigma)
-            split = [n for n in group if n in axis and heavy is not None]
-            for name in split:
-                records[name] = _solve_split_layer(block.get_submodule(name), weights(name), sigma, name, config,
-                                                   (axis[name], heavy), target)
-            rest = tuple(n for n in group if n not in split)
+            for name in (n for n in group if n in first and n in mine):
+                done[name] = _solve_split_layer(block.get_submodule(name), weights(name), sigma, name, config,
+                                                (axis[name], heavy), target)
+            rest = tuple(n for n in group if n not in first and n in mine)
             if rest:  # the layers of a group share their input, so an expert's are starved together
                 fallback = _starved(arch, rest[0], block.get_submodule(rest[0]), count, config.method)
-                records.update(_solve_group(block, rest, [weights(n) for n in rest], sigma, config, target, fallback))
-            seconds.split["solve"] += sum(records[n].seconds for n in group)
+                done.update(_solve_group(block, rest, [weights(n) for n in rest], sigma, config, target, fallback))
+        seconds.split["solve"] += sum(r.seconds for r in done.values())
+        records.update(seconds.share(block, done, [n for g in stage for n in sorted(g, key=lambda n: n not in first)]))
     if split_on and heavy is not None:
         records[ffn.down].extra["heavy_hitters"] = stats
     outputs = original_outputs if original_outputs is not None else seconds.run(block, inputs, caches[0])
@@ -326,10 +379,11 @@ def _check_ffsplit(lazy: LazyModel, config: QuantConfig) -> None:
         raise UsageError(f"--ffsplit is not supported for {lazy.config.model_type} ({what}); drop --ffsplit")
 
 
-def _open_output(out: Path, fp: Fingerprint, settings: dict[str, Any], overwrite: bool, restart: bool
-                 ) -> ResumeState | None:
-    """The resume state to continue from, a fresh one, or None when the same run already completed."""
-    state = ResumeState(out)
+def _open_output(out: Path, fp: Fingerprint, settings: dict[str, Any], overwrite: bool, restart: bool,
+                 world: World) -> ResumeState | None:
+    """The resume state to continue from, a fresh one, or None when the same run already completed. A partial run
+    continues only with the number of processes that made it (each holds its own share of the calibration inputs)."""
+    state = ResumeState(out, world)
     if (out / MANIFEST).exists() and not overwrite:
         info = json.loads((out / INFO).read_text())
         done = Fingerprint(**info["fingerprint"])
@@ -346,6 +400,10 @@ def _open_output(out: Path, fp: Fingerprint, settings: dict[str, Any], overwrite
         if diffs:
             raise CheckpointError(f"{out} holds a partial run made from different {' and '.join(diffs)}; "
                                   f"pass --restart to start over" + _changed_settings(state.settings(), settings))
+        made = state.world_size()
+        if made not in (None, world.size):
+            raise CheckpointError(f"{out} holds a partial run made by {made} process(es), this is {world.size}: "
+                                  f"resume it with {made} (torchrun --nproc-per-node x nodes) or pass --restart")
         if state.load() is not None:
             log.info("resuming the partial run in %s", out)
         return state
@@ -393,11 +451,12 @@ def _changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 class _Run:
     """One quantization run: the state that the block loop carries from block to block."""
 
-    def __init__(self, config: QuantConfig, device: torch.device, lazy: LazyModel, out: Path, resume: ResumeState,
+    def __init__(self, config: QuantConfig, world: World, lazy: LazyModel, out: Path, resume: ResumeState,
                  plan: Plan):
-        self.config, self.device, self.lazy, self.out, self.resume = config, device, lazy, out, resume
+        self.config, self.world, self.lazy, self.out, self.resume = config, world, lazy, out, resume
+        self.device = world.device
         self.offload = plan.offload
-        self.writer = CheckpointWriter(out)
+        self.writer = CheckpointWriter(out) if world.is_main else None  # rank 0 writes the checkpoint
         self.layers: dict[str, Any] = {}
         self.log: dict[str, Any] = {"capture_s": 0.0, "blocks_s": [], "layer_s": {}, "resumed_at": [],
                                     "blocks": [], "plan": plan.to_dict(), "resume_every": config.resume_every}
@@ -414,13 +473,14 @@ class _Run:
         reset_peaks(self.device)
         self.lazy.load_outer(self.device)
         hidden, self.calls = capture_block_inputs(self.lazy.model, self.lazy.blocks,
-                                                  windows.split(self.config.calib_batch_size),
+                                                  self.world.shard(windows.split(self.config.calib_batch_size)),
                                                   Activations(self.device, self.offload))
         self.lazy.unload_outer()
         saved = self.resume.load()
         if saved is None:
-            self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
-                                           for n in self.lazy.outer_params()})
+            if self.writer:
+                self.writer.write_shard(None, {n: self.lazy.index.get(self.lazy.checkpoint_name(n))
+                                               for n in self.lazy.outer_params()})
             self.log.update(capture_s=round(time.perf_counter() - t0, 3), capture_peak_rss=peak_rss(),
                             capture_peak_device=device_peak(self.device))
             return 0, hidden, (hidden if self.config.target == "propagated" else None)
@@ -443,14 +503,14 @@ class _Run:
         counter = block.register_forward_pre_hook(lambda module, args: calls.append(None))
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            result = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference, weights)
+            result = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference, weights, self.world)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, use --offload-activations on, "
                                 f"or use --device cpu") from None
         finally:
             counter.remove()
-        written = self.writer.write_shard(i, _block_tensors(self.lazy, i, result.records))
+        written = self.writer.write_shard(i, _block_tensors(self.lazy, i, result.records)) if self.writer else 0
         self.lazy.unload_block(i)
         trim_host_memory()  # the block's freed temporaries, before the next block's peak
         prefix = self.lazy.block_prefix(i)
@@ -463,6 +523,9 @@ class _Run:
         stats = {"block": i, **{f"{k}_s": round(v, 3) for k, v in result.seconds.items()},
                  "passes": len(calls) / len(hidden), "peak_rss": peak_rss(), "peak_device": device_peak(self.device),
                  "shard_bytes": written}
+        if self.world.size > 1:  # each rank's share of the block: its time split and peaks
+            mine = {k: v for k, v in stats.items() if k not in ("block", "shard_bytes")}
+            stats["ranks"] = self.world.all_gather(mine, f"the timings of block {i}")
         self.log["blocks"].append(stats)
         if last or (i + 1) % self.config.resume_every == 0:  # --resume-every N: a kill redoes at most N - 1 blocks
             outputs = [] if last else result.outputs.host()
@@ -473,6 +536,12 @@ class _Run:
 
     def finish(self, model_path: Path, calibration: dict[str, Any], fp: Fingerprint, started: float) -> None:
         self.log["total_s"] = round(time.perf_counter() - started, 3)
+        self.world.barrier("the end of the last block")  # every rank is done with its resume files
+        if self.writer is None:  # the other ranks wait until rank 0 wrote the complete checkpoint
+            self.world.barrier("the finished checkpoint")
+            return
+        if self.world.size > 1:
+            self.log["world_size"] = self.world.size
         self.writer.copy_files(model_path, TOKENIZER_FILES)
         self.writer.write_json(RUN_LOG, self.log)
         model_config = json.loads((model_path / "config.json").read_text())
@@ -484,6 +553,7 @@ class _Run:
         self.writer.write_text(CARD, card_text(info, model_config, "native", files))
         self.writer.finalize(model_config, info)
         self.resume.clear()
+        self.world.barrier("the finished checkpoint")
 
 
 def quantize(
@@ -493,13 +563,30 @@ def quantize(
     """Quantize config.model into config.out and return the folder; `observe(block, layer, Σ)` sees each Σ.
 
     The memory plan is checked before anything is loaded. Rerunning after an interruption continues where it
-    stopped; a finished identical run is left as it is.
+    stopped; a finished identical run is left as it is. Launched by torchrun (WORLD_SIZE > 1), every rank runs
+    this on its share of the calibration batches (distributed.py) and rank 0 writes the checkpoint.
     """
     if not config.out:
         raise UsageError("no output folder given (--out)")
     started = time.perf_counter()
     path, device, lazy = open_model(config)
+    world = World.from_env(device)
+    try:
+        return _quantize(config, world, path, lazy, overwrite, restart, progress and world.is_main, observe, started)
+    except BaseException as e:  # the other ranks name this one when their next collective fails
+        world.report_failure(e)
+        raise
+
+
+def _quantize(config: QuantConfig, world: World, path: Path, lazy: LazyModel, overwrite: bool, restart: bool,
+              progress: bool, observe: SigmaObserver | None, started: float) -> Path:
+    device = world.device
     check_model(lazy, config)
+    batches = -(-config.nsamples // config.calib_batch_size)
+    if batches < world.size:
+        raise UsageError(f"{batches} calibration batches (--nsamples {config.nsamples} / --batch-size "
+                         f"{config.calib_batch_size}) for {world.size} processes: each needs at least one; lower "
+                         f"--batch-size or run fewer processes")
     text = load_text(config.calib, "calib")
     plan = make_plan(lazy, config, device, len(text))
     if plan.problem:
@@ -513,13 +600,18 @@ def quantize(
     settings = _settings(config, lazy.dtype)
     fp = Fingerprint.of(path, calibration["tokens_sha256"], settings)
     out = Path(config.out)
-    resume = _open_output(out, fp, settings, overwrite, restart)
-    if resume is None:
+
+    def open_output() -> bool:  # on rank 0 only: it alone creates, clears and checks the output folder
+        if _open_output(out, fp, settings, overwrite, restart, world) is None:
+            return False
+        short = check_disk(plan, out)
+        if short:
+            raise ResourceError(short)
+        return True
+
+    if not world.decide("opening the output folder", open_output):
         return out
-    short = check_disk(plan, out)
-    if short:
-        raise ResourceError(short)
-    run = _Run(config, device, lazy, out, resume, plan)
+    run = _Run(config, world, lazy, out, ResumeState(out, world), plan)
     start, hidden, reference = run.first_inputs(windows)
     bar = tqdm(range(start, len(lazy.blocks)), desc="quantize", unit="block", disable=not progress,
                initial=start, total=len(lazy.blocks))

@@ -8,6 +8,10 @@
 Job k of the expanded grid writes OUT/<name k>; the same index always means the same run, so a scheduler's job
 array can run `quantease sweep FILE --out OUT --index $SLURM_ARRAY_TASK_ID` in parallel. Every run is resumable and
 skipped when already complete; a failed run does not stop a local sweep.
+
+With --nproc-per-node N (and --nnodes M in the sbatch script) every run is one torch.distributed job of N × M
+processes (distributed.py): locally each job is `torchrun --standalone --nproc-per-node N -m quantease sweep FILE
+--index k`, and an array task runs `srun torchrun` on its M nodes. Rank 0 evaluates and records the status.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import itertools
 import json
 import re
 import shlex
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +30,7 @@ from .config import QuantConfig, read_yaml
 from .data.windows import BOS_MODES
 from .errors import QuantEaseError, UsageError
 
-__all__ = ["Sweep", "Job", "load_sweep", "run_job", "sbatch_script"]
+__all__ = ["Sweep", "Job", "load_sweep", "run_job", "launch_job", "sbatch_script"]
 
 STATUS_DIR = "sweep-status"
 
@@ -90,10 +95,12 @@ def run_job(job: Job, ev: dict[str, Any], progress: bool) -> None:
     """Quantize (resuming or skipping as the pipeline does), then evaluate what is not evaluated yet."""
     from transformers import AutoTokenizer
 
-    from .api import evaluate_perplexity, quantize, stored_results
+    from .api import evaluate_perplexity, is_main_process, quantize, stored_results
     from .data.windows import adds_bos, legacy_bos, resolve_bos
 
     folder = quantize(job.config, progress=progress)
+    if not is_main_process():  # a distributed run: rank 0 evaluates
+        return
     seqlen, limit, bos = ev.get("seqlen", 2048), ev.get("limit"), ev.get("bos", job.config.bos)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     mode = resolve_bos(tokenizer, bos)
@@ -117,16 +124,29 @@ def record_status(out: Path, job: Job, error: BaseException | None) -> dict[str,
     return status
 
 
-def sbatch_script(sweep_file: Path, out: Path, jobs: list[Job]) -> str:
-    """A Slurm job-array script: array task k runs job k of this sweep."""
-    command = [sys.executable, "-m", "quantease.cli", "sweep", str(sweep_file.resolve()), "--out", str(out.resolve())]
-    return "\n".join([
-        "#!/bin/bash",
-        "#SBATCH --job-name=quantease-sweep",
-        f"#SBATCH --array=0-{len(jobs) - 1}",
-        f"#SBATCH --output={shlex.quote(str(out.resolve() / 'logs' / '%A_%a.log'))}",
-        "set -euo pipefail",
-        "# array task k runs job k; `quantease sweep FILE --print-jobs` lists them",
-        " ".join(shlex.quote(c) for c in command) + ' --index "$SLURM_ARRAY_TASK_ID"',
-        "",
-    ])
+def launch_job(sweep_file: Path, out: Path, job: Job, nproc: int, quiet: bool) -> int:
+    """Run one job as a torch.distributed job of `nproc` local processes (torchrun); its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "quantease", "sweep", str(sweep_file), "--out", str(out), "--index", str(job.index)]
+    return subprocess.run(command + (["--quiet"] if quiet else [])).returncode
+
+
+def sbatch_script(sweep_file: Path, out: Path, jobs: list[Job], nproc: int = 1, nnodes: int = 1) -> str:
+    """A Slurm job-array script: array task k runs job k of this sweep; with nproc × nnodes > 1 as one
+    torch.distributed job of nproc processes (GPUs) on each of nnodes nodes, one torchrun per node."""
+    sweep = ["sweep", str(sweep_file.resolve()), "--out", str(out.resolve())]
+    lines = ["#!/bin/bash", "#SBATCH --job-name=quantease-sweep", f"#SBATCH --array=0-{len(jobs) - 1}",
+             f"#SBATCH --output={shlex.quote(str(out.resolve() / 'logs' / '%A_%a.log'))}"]
+    if nproc * nnodes == 1:
+        command = " ".join(shlex.quote(c) for c in [sys.executable, "-m", "quantease.cli", *sweep])
+    else:
+        lines += [f"#SBATCH --nodes={nnodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={nproc}"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node",
+                    str(nproc), "--rdzv-backend", "c10d"]
+        command = ('srun ' + " ".join(shlex.quote(c) for c in torchrun)
+                   + ' --rdzv-endpoint "$head:${QUANTEASE_RDZV_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID-$SLURM_ARRAY_TASK_ID" -m quantease '
+                   + " ".join(shlex.quote(c) for c in sweep))
+    lines += ["set -euo pipefail", "# array task k runs job k; `quantease sweep FILE --print-jobs` lists them"]
+    if nproc * nnodes > 1:
+        lines.append('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host')
+    return "\n".join([*lines, command + ' --index "$SLURM_ARRAY_TASK_ID"', ""])

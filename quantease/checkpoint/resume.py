@@ -5,6 +5,9 @@ DIR/.resume/fingerprint.json   what the run is made of: model files, calibration
 DIR/.resume/state.json         the next block to quantize and the per-layer records so far (written last per block)
 DIR/.resume/inputs-K.safetensors  block K's calibration inputs (exact, in the forward dtype; with the propagated
                                target also the original model's); only the one state.json names is kept
+DIR/.resume/rank-R/inputs-K.safetensors  the same, per rank, in a run of several processes (distributed.py): each
+                               rank saves its own batches, and state.json (rank 0's) records the world size, which
+                               a rerun must match
 
 A rerun with the same fingerprint continues after the last block whose state was written; every file is replaced
 atomically, so a kill at any instant leaves either the old or the new state. The state is written after every
@@ -77,8 +80,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 class ResumeState:
-    def __init__(self, out: Path):
+    """The resume state of one output folder, as seen by one rank (`world`: a distributed.World; None = one
+    process)."""
+
+    def __init__(self, out: Path, world: Any = None):
         self.dir = Path(out) / RESUME_DIR
+        self.world = world
+        size = 1 if world is None else world.size
+        self.inputs_dir = self.dir if size == 1 else self.dir / f"rank-{world.rank}"
 
     def exists(self) -> bool:
         return (self.dir / "fingerprint.json").exists()
@@ -96,6 +105,11 @@ class ResumeState:
         path = self.dir / "settings.json"
         return json.loads(path.read_text()) if path.exists() else None
 
+    def world_size(self) -> int | None:
+        """How many processes wrote the saved state (None: no block finished yet, so any number may start)."""
+        path = self.dir / "state.json"
+        return json.loads(path.read_text()).get("world_size", 1) if path.exists() else None
+
     def load(self) -> tuple[int, dict[str, Any], dict[str, Any], list[torch.Tensor], list[torch.Tensor] | None] | None:
         """(next block, layer records, run log, its input batches, the original model's input batches or None), or
         None if no block was completed."""
@@ -109,12 +123,19 @@ class ResumeState:
         return state["next_block"], state["layers"], state["run"], batches, refs
 
     def _inputs(self, block: int) -> Path:
-        return self.dir / f"inputs-{block:05d}.safetensors"
+        return self.inputs_dir / f"inputs-{block:05d}.safetensors"
+
+    def _barrier(self, what: str) -> None:
+        if self.world is not None:
+            self.world.barrier(what)
 
     def save(self, next_block: int, layers: dict[str, Any], run: dict[str, Any], inputs: list[torch.Tensor],
              reference: list[torch.Tensor] | None = None) -> int:
-        """Write the state that continues at `next_block`; returns the bytes of its inputs file."""
+        """Write the state that continues at `next_block`; returns the bytes of its inputs file. With several ranks
+        every rank writes its inputs, then rank 0 the state that points at them, and only then does any rank delete
+        its older inputs."""
         path = self._inputs(next_block)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tensors = {f"batch{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(inputs)}
         tensors.update({f"ref{i:05d}": x.detach().cpu().contiguous() for i, x in enumerate(reference or [])})
@@ -123,8 +144,14 @@ class ResumeState:
         fault_point("resume-inputs")
         os.replace(tmp, path)
         # the inputs exist before the state that points at them; older inputs go only after the state moved on
-        _write_json(self.dir / "state.json", {"next_block": next_block, "layers": layers, "run": run})
-        for old in self.dir.glob("inputs-*.safetensors"):
+        self._barrier(f"saving the inputs of block {next_block}")
+        if self.world is None or self.world.is_main:
+            state = {"next_block": next_block, "layers": layers, "run": run}
+            if self.world is not None and self.world.size > 1:
+                state["world_size"] = self.world.size
+            _write_json(self.dir / "state.json", state)
+        self._barrier(f"saving the state of block {next_block}")
+        for old in self.inputs_dir.glob("inputs-*.safetensors"):
             if old != path:
                 old.unlink()
         return written

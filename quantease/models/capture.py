@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -19,7 +19,8 @@ from ..solvers.base import Target
 from .activations import Activations
 from .reuse import PassCache
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_grams", "clock"]
+__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "GramAccumulator", "collect_grams", "reduce_grams",
+           "clock"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a block's positional arguments after the hidden states, and keywords
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -230,3 +231,26 @@ def collect_grams(
         for h in handles:
             h.remove()
     return accs
+
+
+def reduce_grams(grams: dict[tuple[str, ...], GramAccumulator], groups: list[tuple[str, ...]], world,
+                 dim: Callable[[tuple[str, ...]], int], paired: set[tuple[str, ...]], device: torch.device
+                 ) -> dict[tuple[str, ...], GramAccumulator]:
+    """Each group's accumulator summed over the ranks of `world` (distributed.World), in place: fp64 sums (Σ, and Δ,
+    Σ_d when paired) and token counts, so every rank ends with the global Σ = Σ_ranks sum / Σ_ranks N. A group is
+    present when any rank saw it; a rank that routed no token to an expert adds zeros of its input size `dim(g)`
+    and count 0, so a starved expert's fallback sees the global count. One rank: `grams` unchanged."""
+    if world.size == 1:
+        return grams
+    seen = torch.tensor([[grams[g].count if g in grams else 0, int(g in grams)] for g in groups],
+                        dtype=torch.int64, device=device)  # [groups, (tokens, present)]
+    world.all_reduce([seen], "the token counts")
+    out = {}
+    for g, (count, present) in zip(groups, seen.tolist()):
+        if not present:
+            continue
+        acc = grams.get(g) or GramAccumulator(dim(g), device, paired=g in paired)
+        world.all_reduce([t for t in (acc.sum, acc.delta, acc.dd) if t is not None], f"the Σ of {'/'.join(g)}")
+        acc.count = count
+        out[g] = acc
+    return out
