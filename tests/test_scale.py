@@ -109,22 +109,22 @@ def wide_block(tokenizer_dir, tmp_path_factory) -> Path:
 
 def test_plan_predicts_the_measured_peak_memory(wide_block, calib_file, tmp_path):
     """The whole run in a fresh process; its peak RSS (block and capture phases, run.json) is within 25% of the plan.
-    The plan's tensors (one batch of 16 × 512 tokens through a 2048-wide FFN, Σ accumulators, the block) are about
-    300 MB beside the 0.45 GB process, so a plan off by half in them would fail. glibc is told to return freed
+    The plan's tensors (one batch of 32 × 512 tokens through a 2048-wide FFN, Σ accumulators, the block) are about
+    600 MB beside the 0.45-0.6 GB process (the interpreter, torch, numba), so a plan off by half in them would fail. glibc is told to return freed
     blocks above 1 MB at once, as it does by itself for the > 32 MB tensors of real models: otherwise the heap keeps
     this model's 16-32 MB temporaries and RSS measures the allocator's cache."""
     out = tmp_path / "q"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "quantease.cli", "quantize", str(wide_block), "--out", str(out), "--calib",
-           str(calib_file), "--nsamples", "16", "--seqlen", "512", "--batch-size", "16", "--quiet"]
+           str(calib_file), "--nsamples", "32", "--seqlen", "512", "--batch-size", "32", "--quiet"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     run = json.loads((out / "run.json").read_text())
     predicted = run["plan"]["host_peak"]
     measured = max([run["capture_peak_rss"]] + [b["peak_rss"] for b in run["blocks"]])
     tensors = predicted["bytes"] - predicted["parts"]["process"]
-    assert tensors > 0.5 * predicted["parts"]["process"]  # the check is about the tensors, not the interpreter
-    assert measured == pytest.approx(predicted["bytes"], rel=0.25)
+    assert tensors > 0.5 * predicted["parts"]["process"], (tensors, predicted)  # about the tensors, not the interpreter
+    assert measured == pytest.approx(predicted["bytes"], rel=0.25), (measured, predicted)
 
 
 def test_plan_predicts_disk_and_block_forwards(tiny_llama, calib_file, tmp_path, monkeypatch):
