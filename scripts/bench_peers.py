@@ -16,6 +16,7 @@ non-overlapping 2048-token windows of PTB test and of the wiki split. Wall times
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -39,6 +40,13 @@ def _timed(cmd: list[str]) -> float:
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def _content(path: Path) -> str:
+    """A digest of what a checkpoint folder holds (its manifest, or llm-compressor's weights' headers); "" for a
+    built-in model name."""
+    files = [path / "manifest.json"] if (path / "manifest.json").exists() else sorted(path.glob("*.safetensors"))
+    return hashlib.sha256(b"".join(f.read_bytes()[:1 << 20] for f in files)).hexdigest()[:16] if files else ""
 
 
 def main() -> None:
@@ -87,10 +95,15 @@ def main() -> None:
             name = f"quantease {method}{' ' + ' '.join(args.option) if args.option else ''} W{bits}"
             runs[name] = {"path": str(mine), "tool": "quantease", "bits": bits,
                           "wall_s": json.loads((mine / "wall.json").read_text())["wall_s"]}
+    cache_file = out / "ppl-cache.json"  # perplexities measured before, keyed by the checkpoint's content
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     for run in runs.values():
-        for r in evaluate_perplexity(run["path"], ["ptb", "wiki"], seqlen=2048, limit=args.ppl_limit,
-                                     device="cpu", progress=False):
-            run[f"ppl_{r.dataset}"] = round(r.ppl, 2)
+        key = f"{run['path']}|{_content(Path(run['path']))}|{args.ppl_limit}"
+        if key not in cache:
+            cache[key] = {f"ppl_{r.dataset}": round(r.ppl, 2) for r in evaluate_perplexity(
+                run["path"], ["ptb", "wiki"], seqlen=2048, limit=args.ppl_limit, device="cpu", progress=False)}
+            cache_file.write_text(json.dumps(cache, indent=1))
+        run.update(cache[key])
     fp = runs["fp32"]
     lines = ["| model | PTB | wiki | PTB gap to fp32 | wiki gap to fp32 | wall s |", "|---|---|---|---|---|---|"]
     for name, run in runs.items():

@@ -106,3 +106,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fail_on_third_call(monkeypatch):
+    """fail_on_third_call(module, "name") makes module.name raise RuntimeError("disk full") on its third call (a
+    failure in the middle of writing); returns the list of calls so far, to clear between attempts."""
+    def patch(module, name: str) -> list[int]:
+        real, calls = getattr(module, name), []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("disk full")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, failing)
+        return calls
+    return patch

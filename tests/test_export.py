@@ -316,23 +316,14 @@ def test_refuses_incomplete_source_and_existing_output(checkpoint, tmp_path):
         export_checkpoint(checkpoint(4, 16, False), tmp_path / "y", "awq")
 
 
-def test_overwrite_replaces_and_failure_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+def test_overwrite_replaces_and_failure_leaves_nothing(checkpoint, tmp_path, fail_on_third_call):
     dst = tmp_path / "out"
     export_checkpoint(checkpoint(4, 16, False), dst, "compressed-tensors")
     export_checkpoint(checkpoint(4, 16, False), dst, "gptq", overwrite=True)
     assert json.loads((dst / EXPORT_MANIFEST).read_text())["format"] == "gptq"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
-    calls = []
-
-    def fail_on_third_layer(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real(*args)
-
-    real = gptq_module.convert_layer
-    monkeypatch.setattr(gptq_module, "convert_layer", fail_on_third_layer)
+    calls = fail_on_third_call(gptq_module, "convert_layer")
     with pytest.raises(RuntimeError, match="disk full"):
         export_checkpoint(checkpoint(4, 16, False), tmp_path / "new", "gptq")
     with pytest.raises(RuntimeError, match="disk full"):

@@ -330,22 +330,13 @@ def test_refuses_other_architectures_formats_and_names(tokenizer_dir, calib_file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt", "q"]
 
 
-def test_failed_export_leaves_nothing_and_keeps_the_old_file(made, tmp_path, monkeypatch):
+def test_failed_export_leaves_nothing_and_keeps_the_old_file(made, tmp_path, fail_on_third_call):
     src = made(grid="gguf:q4_k")
     dst = export_checkpoint(src, tmp_path / "m.gguf", "gguf")
     old = dst.read_bytes()
     with pytest.raises(CheckpointError, match="--overwrite"):
         export_checkpoint(src, dst, "gguf")
-    calls = []
-
-    def fail_on_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real(*args)
-
-    real = gguf_export.layer_blocks
-    monkeypatch.setattr(gguf_export, "layer_blocks", fail_on_third)
+    calls = fail_on_third_call(gguf_export, "layer_blocks")
     with pytest.raises(RuntimeError, match="disk full"):
         export_checkpoint(src, dst, "gguf", overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):

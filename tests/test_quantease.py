@@ -221,3 +221,30 @@ def test_compiled_column_loop_matches_the_plain_loop(options, group_size):
     assert_valid(compiled, W, S, spec)
     from_grid = options.get("init") != "w" and not options.get("relax_sweeps")  # else sweep 1 starts off the grid
     assert_monotone(compiled.history if from_grid else compiled.history[1:])
+
+
+def test_compiled_column_loop_gives_the_same_bits_on_any_number_of_threads():
+    """Rows never interact, so splitting them over threads changes nothing: one block's loop gives the same bits
+    (torch's own matmuls around it may sum in another order on another thread count, so this tests the kernel)."""
+    from quantease.solvers import cd_kernel
+
+    g = torch.Generator().manual_seed(5)
+    B, q = 64, 300  # 300 rows: split into chunks at 2 and 4 threads
+    S = torch.randn(B, B, generator=g)
+    S = S @ S.T / B + torch.eye(B)
+    V = torch.randn(B, q, generator=g)
+    s, z = torch.rand(B, q, generator=g) * 0.2 + 0.05, torch.randint(0, 8, (B, q), generator=g).float()
+    dinv = 1 / torch.diagonal(S)
+    dinv[3] = 0  # a dead input
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            N = V.clone()
+            cd_kernel.cd_block(N, S, V, s, z, s * z, dinv, 7, False)
+            results.append(N)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(results[0], V)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
