@@ -239,13 +239,14 @@ class _Seconds:
 def quantize_block(
     block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
     observe: Callable[[str, torch.Tensor], None] | None = None, reference: Activations | None = None,
-    weights: WeightSource | None = None, world: World | None = None,
+    weights: WeightSource | None = None, world: World | None = None, reuse: bool = True,
 ) -> BlockResult:
     """Quantize every linear of one block in place; return their records, the block's output hidden states, given
     the original model's input hidden states (`reference`, target="propagated") the original's outputs, the time
     split and the block forwards the passes cost. `weights` gives each linear's original fp32 weight (default: the
     block's own, upcast). `world`: this rank's place in a multi-process run (distributed.py); `inputs` are then
-    its share of the batches, and each layer is solved by one rank and shared with the others.
+    its share of the batches, and each layer is solved by one rank and shared with the others. `reuse`: keep
+    sub-module outputs between passes (the plan turns it off when their memory does not fit).
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
     down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py. Routed experts
@@ -257,7 +258,8 @@ def quantize_block(
     original = copy.deepcopy(block) if reference is not None else None  # the original weights, for the reference
     linears = arch.block_linears(block)
     dense = [n for n in linears if not arch.is_expert(n)]  # what block forwards are counted in
-    caches = tuple(None if b is None else PassCache(b, _reusable(b, linears), dense) for b in (block, original))
+    caches = tuple(None if b is None else PassCache(b, _reusable(b, linears) if reuse else [], dense)
+                   for b in (block, original))
     with caches[0], (caches[1] or contextlib.nullcontext()):
         records, outputs, ref_outputs, seconds = _quantize_block(block, arch, inputs, config, observe, reference,
                                                                  weights, original, caches, world)
@@ -455,7 +457,7 @@ class _Run:
                  plan: Plan):
         self.config, self.world, self.lazy, self.out, self.resume = config, world, lazy, out, resume
         self.device = world.device
-        self.offload = plan.offload
+        self.offload, self.reuse = plan.offload, plan.reuse
         self.writer = CheckpointWriter(out) if world.is_main else None  # rank 0 writes the checkpoint
         self.layers: dict[str, Any] = {}
         self.log: dict[str, Any] = {"capture_s": 0.0, "blocks_s": [], "layer_s": {}, "resumed_at": [],
@@ -503,7 +505,8 @@ class _Run:
         counter = block.register_forward_pre_hook(lambda module, args: calls.append(None))
         try:
             inputs = BlockInputs(hidden, self.calls[i])
-            result = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference, weights, self.world)
+            result = quantize_block(block, self.lazy.arch, inputs, self.config, obs, reference, weights, self.world,
+                                    self.reuse)
         except torch.OutOfMemoryError:
             raise ResourceError(f"out of memory in block {i} on {self.device}: lower --batch-size "
                                 f"(now {self.config.calib_batch_size}) or --nsamples, use --offload-activations on, "

@@ -15,7 +15,10 @@ hidden · e one set of calibration hidden states and a = T · hidden · e one ba
             solver allocates (its registered `workspace`, solvers/base.py) + the stage's later accumulators; a group
             solved stacked (q/k/v, gate/up) is one problem of the layers' rows together, q their sum, plus the copy
   output    block + hidden states in and out (2A; 4A with the propagated target) + the forward workspace
-Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps them
+Reusing sub-module outputs between a block's passes (models/reuse.py) holds, for every calibration token, the inputs
+and outputs of the block's children that hold linears (attention and MLP: 4 h; OPT's fc1/fc2 more) on the device,
+in every block phase; when that does not fit the plan turns reuse off (more block forwards, the same results), and
+an offloaded run never reuses. Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps them
 all in pinned memory. The host holds the process as it is when planning (Python, torch, the skeleton), the
 offloaded hidden states and the largest host-only moment: the outer tensors read for the first shard, a block tensor
 while it is read and converted, the hidden states copied off the device for the resume state, or tokenizing the
@@ -69,6 +72,7 @@ class _Block:
     widest: int  # largest output size of any linear
     other_bytes: int  # stored bytes of the tensors that are not quantized (norms, biases)
     largest_tensor: int  # elements of the block's largest tensor
+    reused_width: int  # per token, the inputs and outputs the reuse cache holds of the block's reusable children
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Plan:
     device: str
     dtype: str
     offload: bool
+    reuse: bool  # sub-module outputs reused between a block's passes (fewer forwards, more memory)
     blocks: int
     batches: int
     device_peak: Peak
@@ -132,8 +137,9 @@ class Plan:
 
     def text(self) -> str:
         placement = "offloaded to host memory" if self.offload else "kept on the device"
+        reuse = "reused" if self.reuse else "recomputed (reusing them does not fit)"
         lines = [f"plan: {self.model} ({self.blocks} blocks) on {self.device}, {self.dtype} forwards, "
-                 f"calibration hidden states {placement}"]
+                 f"calibration hidden states {placement}, sub-module outputs {reuse} between passes"]
         rows = [("device", self.device_peak, self.device_free)] if self.device != "cpu" else []
         rows.append(("host" if self.device != "cpu" else "host (= device)", self.host_peak, self.host_free))
         for label, peak, free in rows:
@@ -160,9 +166,13 @@ def _blocks(lazy: LazyModel, sequential: bool) -> list[_Block]:
         linears = {f"{l.name}.weight" for st in stages for g in st for l in g}
         params = dict(block.named_parameters())
         other = sum(params[n].numel() * stored[n] for n in stored if n not in linears)
+        flow = [l for st in stages for g in st for l in g]  # data-flow order
+        children = {l.name.split(".")[0] for l in flow}  # what models/reuse.py caches: the block's direct children
+        width = sum(next(l.p for l in flow if l.name.split(".")[0] == c) +
+                    next(l.q for l in reversed(flow) if l.name.split(".")[0] == c) for c in children)
         out.append(_Block(sum(p.numel() for p in params.values()), stages,
                           max(l.q for st in stages for g in st for l in g), other,
-                          max(p.numel() for p in params.values())))
+                          max(p.numel() for p in params.values()), width))
     return out
 
 
@@ -187,8 +197,9 @@ def _layer_bytes(layer: _Layer, config: QuantConfig) -> int:
 class _Memory:
     """The device and host peaks of one setting (the module docstring's phases)."""
 
-    def __init__(self, lazy: LazyModel, blocks: list[_Block], config: QuantConfig, cuda: bool, offload: bool):
-        self.lazy, self.blocks, self.cuda, self.offload = lazy, blocks, cuda, offload
+    def __init__(self, lazy: LazyModel, blocks: list[_Block], config: QuantConfig, cuda: bool, offload: bool,
+                 reuse: bool):
+        self.lazy, self.blocks, self.cuda, self.offload, self.reuse = lazy, blocks, cuda, offload, reuse
         self.e = torch.empty((), dtype=lazy.dtype).element_size()
         self.h = lazy.config.hidden_size
         self.tokens_b = min(config.calib_batch_size, config.nsamples) * config.seqlen
@@ -196,6 +207,7 @@ class _Memory:
         self.a = self.tokens_b * self.h * self.e
         self.paired = config.target == "propagated"
         self.sets_in = (2 if self.paired else 1) + (0 if config.propagate else 1)
+        self.tokens = config.nsamples * config.seqlen
         entry = get_solver(config.method)
         self.solver, self.options = entry, config.solver_options()
 
@@ -209,11 +221,13 @@ class _Memory:
 
     def block(self, i: int, b: _Block) -> Peak:
         weights = b.params * self.e * (2 if self.paired else 1)
-        acts = self._acts(self.sets_in)
+        cache = self.tokens * b.reused_width * self.e * (2 if self.paired else 1) if self.reuse else 0
+        acts = self._acts(self.sets_in) + cache
         forward = self.tokens_b * self.e * max(3 * b.widest + 2 * self.h, 6 * self.h)
         gram = 3 if self.paired else 1
-        peaks = [Peak(weights + self._acts(4 if self.paired else 2) + forward, f"block {i} output",
-                      {"block": weights, "hidden states": self._acts(4 if self.paired else 2), "forward": forward})]
+        peaks = [Peak(weights + self._acts(4 if self.paired else 2) + cache + forward, f"block {i} output",
+                      {"block": weights, "hidden states": self._acts(4 if self.paired else 2),
+                       "reused outputs": cache, "forward": forward})]
         for stage in b.stages:
             ps = [g[0].p for g in stage]
             accs = [8 * p * p * gram for p in ps]
@@ -221,7 +235,8 @@ class _Memory:
             copies = (1 if self.e < 4 else 0) + (3 if self.paired else 0)
             hook = self.tokens_b * p * (self.e * (2 if self.paired else 1) + 4 * copies) + 4 * p * p
             peaks.append(Peak(weights + acts + sum(accs) + max(forward, hook), f"block {i} Σ of {stage[0][0].name}",
-                              {"block": weights, "hidden states": acts, "Σ accumulators": sum(accs),
+                              {"block": weights, "hidden states": acts - cache, "reused outputs": cache,
+                               "Σ accumulators": sum(accs),
                                "forward": max(forward, hook)}))
             for k, group in enumerate(stage):
                 later = sum(accs[k + 1:])
@@ -233,7 +248,8 @@ class _Memory:
                     work = self.solver.workspace(q, p, self.options, self.paired) + inputs
                     names = "+".join(layer.name for layer in layers)
                     peaks.append(Peak(weights + acts + later + sigma + work, f"block {i} solving {names}",
-                                      {"block": weights, "hidden states": acts, "Σ": sigma + later, "solver": work}))
+                                      {"block": weights, "hidden states": acts - cache, "reused outputs": cache,
+                                       "Σ": sigma + later, "solver": work}))
         return max(peaks, key=lambda pk: pk.bytes)
 
     def _stacked(self, group: list) -> bool:
@@ -282,8 +298,8 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, text_c
     cuda = device.type == "cuda"
     device_free, host_free, baseline = available_memory(device), host_available(), rss()
 
-    def plan(offload: bool) -> Plan:
-        memory = _Memory(lazy, blocks, config, cuda, offload)
+    def plan(offload: bool, reuse: bool) -> Plan:
+        memory = _Memory(lazy, blocks, config, cuda, offload, reuse)
         dev = memory.device()
         host = memory.host(dev, baseline)
         tokenizing = baseline + _TOKENIZE_BYTES_PER_CHAR * text_chars
@@ -296,16 +312,21 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, text_c
         layers = [l for b in blocks for st in b.stages for g in st for l in g]
         checkpoint = sum(_layer_bytes(l, config) for l in layers) + sum(b.other_bytes for b in blocks) + \
             _outer_bytes(lazy) + _copied_bytes(lazy.folder) + _JSON_PER_LAYER * len(layers)
-        return Plan(str(lazy.folder), str(device), str(lazy.dtype).removeprefix("torch."), offload, n,
+        return Plan(str(lazy.folder), str(device), str(lazy.dtype).removeprefix("torch."), offload, reuse, n,
                     math.ceil(config.nsamples / config.calib_batch_size), dev, host, device_free,
                     host_free, checkpoint, memory.A * (2 if config.target == "propagated" else 1), saves, passes,
                     partial)
 
-    if config.offload_activations != "auto":
-        result = plan(config.offload_activations == "on")
-    else:
-        result = plan(False)
-        result = plan(True) if cuda and not result.fits() else result
+    # Reused sub-module outputs (models/reuse.py) save block forwards but hold every batch's inputs and outputs of
+    # the block's children on the device: they are the first thing dropped when a run does not fit, and an
+    # offloaded run (whose device cannot hold the hidden states) never keeps them.
+    choices = [(False, True), (False, False), (True, False)]
+    if config.offload_activations != "auto" or not cuda:
+        choices = [c for c in choices if c[0] == (config.offload_activations == "on")]
+    for offload, reuse in choices:
+        result = plan(offload, reuse)
+        if result.fits():
+            break
     if advise and not result.fits():
         result.problem = f"{result.shortfall()}; {_fix(lazy, config, device, text_chars)}"
     return result

@@ -126,3 +126,25 @@ def test_reusing_sub_module_outputs_leaves_every_sigma_unchanged(family_model, c
         assert s1.keys() == s0.keys() and all(torch.equal(s1[k], s0[k]) for k in s1)
         assert t1.keys() == t0.keys() and all(torch.equal(t1[k], t0[k]) for k in t1)
         assert all(a <= b for a, b in zip(f1, f0)) and sum(f1) < sum(f0), (f1, f0)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_block_forwards_count_what_the_passes_compute(tiny_llama, calib_file, tmp_path, monkeypatch, reuse):
+    """A Llama block's true-sequential passes, in multiply-adds of its linears: the q/k/v pass stops at q's input,
+    the o pass computes q/k/v, the gate/up pass attention (q/k/v/o), the down pass gate/up (attention reused
+    when unchanged, else recomputed), and the output pass the whole MLP (and attention when not reused). A pass
+    stopped at a layer's input has not computed that layer."""
+    from quantease import pipeline
+
+    if not reuse:
+        monkeypatch.setattr(pipeline, "_reusable", lambda block, linears: [])
+    out = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "q"), method="rtn", bits=4,
+                               calib=str(calib_file), nsamples=4, seqlen=64, device="cpu"), progress=False)
+    cfg = T.AutoConfig.from_pretrained(tiny_llama)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
+    qkv, o, gate_up, down = h * (h + 2 * kv), h * h, 2 * h * i, i * h
+    attention = qkv + o
+    work = qkv + attention + gate_up + (gate_up + down) + (0 if reuse else 2 * attention)
+    expected = work / (attention + gate_up + down)
+    assert json.loads((out / "run.json").read_text())["block_forwards"] == [round(expected, 3)] * cfg.num_hidden_layers

@@ -162,6 +162,8 @@ def test_plan_predicts_disk_and_block_forwards(tiny_llama, calib_file, tmp_path,
 def test_impossible_plan_exits_with_the_option_that_fixes_it(tiny_llama, calib_file, tmp_path, monkeypatch):
     """RAM is set between what two settings need, so the plan must name the one that fits."""
     monkeypatch.setattr(plan_module, "rss", lambda: 400 * 2**20)  # the process, fixed so that the plans compare
+    for free in ("host_available", "available_memory"):  # nothing fits: the plans of the leanest choice, no reuse
+        monkeypatch.setattr(plan_module, free, lambda *device: 0)
     settings = dict(model=str(tiny_llama), calib=str(calib_file), seqlen=256, device="cpu")
     peak = {(b, n): plan(QuantConfig(**settings, nsamples=n, calib_batch_size=b)).host_peak.bytes
             for b, n in ((2, 64), (1, 64), (1, 32))}
@@ -188,6 +190,34 @@ def test_impossible_plan_exits_with_the_option_that_fixes_it(tiny_llama, calib_f
     res = CliRunner().invoke(main, ["plan", *args])
     assert res.exit_code == ResourceError.exit_code
     assert res.output.strip().endswith("use --batch-size 1 --nsamples 32")
+
+
+def test_a_plan_that_fits_only_without_reused_outputs_recomputes_them(tiny_llama, calib_file, tmp_path,
+                                                                      monkeypatch):
+    """RAM between what a run needs with and without reusing sub-module outputs: the plan drops the reuse (it
+    holds the inputs and outputs of attention and MLP, 4 · hidden values per token), and the run then computes more
+    block forwards and writes the same checkpoint."""
+    monkeypatch.setattr(plan_module, "rss", lambda: 400 * 2**20)
+    settings = dict(model=str(tiny_llama), calib=str(calib_file), nsamples=64, seqlen=256, device="cpu")
+    roomy = plan(QuantConfig(**settings))
+    assert roomy.reuse
+    hidden = LlamaConfig.from_pretrained(tiny_llama).hidden_size
+    assert roomy.host_peak.parts["reused outputs"] == 64 * 256 * 4 * hidden * 4  # tokens · 4 h · fp32
+    made = quantize(QuantConfig(**settings, out=str(tmp_path / "reuse"), method="rtn"), progress=False)
+    for free in ("host_available", "available_memory"):
+        monkeypatch.setattr(plan_module, free, lambda *device: 0)
+    lean = plan(QuantConfig(**settings))  # nothing fits: the leanest choice
+    assert not lean.reuse and "reused outputs" not in {k for k, v in lean.host_peak.parts.items() if v}
+    room = int((roomy.host_peak.bytes + lean.host_peak.bytes) / 2 / 0.92)
+    assert lean.host_peak.bytes < 0.92 * room < roomy.host_peak.bytes
+    for free in ("host_available", "available_memory"):
+        monkeypatch.setattr(plan_module, free, lambda *device: room)
+    assert not plan(QuantConfig(**settings)).reuse
+    again = quantize(QuantConfig(**settings, out=str(tmp_path / "recompute"), method="rtn"), progress=False)
+    forwards = [json.loads((d / "run.json").read_text())["block_forwards"] for d in (made, again)]
+    assert all(a < b for a, b in zip(*forwards))
+    shards = sorted(p.name for p in made.glob("*.safetensors"))
+    assert shards and all((made / n).read_bytes() == (again / n).read_bytes() for n in shards)
 
 
 def test_plan_command_prints_every_line(tiny_llama, calib_file):

@@ -64,7 +64,7 @@ class PassCache:
             child.forward = self._wrap(name, child, type(child).forward.__get__(child), inner)
         for name in self._linears:
             module = self.block.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(self._count))
+            self._handles.append(module.register_forward_hook(self._count))  # after it ran: a pass may stop before
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -74,7 +74,7 @@ class PassCache:
             h.remove()
         self._entries.clear()
 
-    def _count(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    def _count(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         x, w = args[0], module.weight
         self.work += x.numel() // x.shape[-1] * w.numel()
 
