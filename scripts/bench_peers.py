@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from quantease.api import evaluate_perplexity
+from quantease.checkpoint.native import TOKENIZER_FILES
 from quantease.data.sources import load_text
 from quantease.data.windows import calibration_windows, tokenize
 from quantease.models.reader import resolve_model_path
@@ -81,6 +83,9 @@ def main() -> None:
                            "--windows", str(win_file), "--bits", str(bits), "--group-size", str(args.group_size),
                            "--out", str(peer)])
             (peer / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1)}))
+        for name in TOKENIZER_FILES:  # the driver saves the model only; scoring reads the tokenizer beside it
+            if (model_dir / name).is_file() and not (peer / name).exists():
+                shutil.copy2(model_dir / name, peer / name)
         runs[f"llm-compressor GPTQ W{bits}"] = {"path": str(peer), "tool": "llm-compressor", "bits": bits,
                                                 "wall_s": json.loads((peer / "wall.json").read_text())["wall_s"]}
         suffix = "".join(f"-{a.strip('-')}" for a in args.option)
