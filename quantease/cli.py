@@ -112,10 +112,12 @@ def _settings_options(f):
                      help="Each group of linears sees the already-quantized earlier groups of its block."),
         click.option("--propagate/--no-propagate", default=True, show_default=True,
                      help="The next block sees the quantized block's outputs (else the original's)."),
-        click.option("--target", type=click.Choice(["layer", "propagated"]), default="layer", show_default=True,
-                     help="Layer objective ||WX - ŴX||², or the propagated one ||W X_fp - Ŵ X||² against the "
-                     "original model's inputs (one more block forward per block)."),
-        click.option("--alpha", default=1.0, show_default=True, type=float,
+        click.option("--target", type=click.Choice(["auto", "layer", "propagated"]), default="auto",
+                     show_default=True,
+                     help="Layer objective ||WX - ŴX||², or the propagated one ||W X_α - Ŵ X||² toward the "
+                     "original model's inputs (one more block forward per block); auto: propagated for quantease, "
+                     "layer for rtn and gptq."),
+        click.option("--alpha", default=0.5, show_default=True, type=float,
                      help="Strength of --target propagated: the target input is X + alpha (X_fp - X)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", type=click.Choice(list(FORWARD_DTYPES)), default="auto", show_default=True,

@@ -38,8 +38,10 @@ class QuantConfig:
     calib_batch_size: int = 4
     sequential: bool = True  # each group of linears sees the already-quantized earlier groups of its block
     propagate: bool = True  # the next block sees the quantized block's outputs (False: the original's)
-    target: str = "layer"  # "layer": ||W X - Ŵ X||²; "propagated": ||W X_α - Ŵ X||², X_α toward the original's inputs
-    alpha: float = 1.0  # strength of the propagated target: X_α = X + α (X_fp - X)
+    # "layer": ||W X - Ŵ X||²; "propagated": ||W X_α - Ŵ X||², X_α toward the original's inputs; "auto" (resolved
+    # here): propagated for QuantEase, whose default it is (README "Solvers"), layer for the RTN/GPTQ baselines
+    target: str = "auto"
+    alpha: float = 0.5  # strength of the propagated target: X_α = X + α (X_fp - X)
     device: str = "auto"
     dtype: str = "auto"  # block forwards and stored activations: auto (checkpoint's on CUDA, float32 on CPU) or a name
     offload_activations: str = "auto"  # calibration hidden states in host memory: auto (when they do not fit), on, off
@@ -47,6 +49,8 @@ class QuantConfig:
     allow_pickle: bool = False  # read PyTorch pickle (*.bin) weights, with weights_only=True, when no safetensors
 
     def __post_init__(self) -> None:
+        if self.target == "auto":
+            self.target = "propagated" if self.method == "quantease" else "layer"
         if self.grid and (self.bits, self.group_size, self.sym) == (4, -1, False):  # not set: the type's
             self.bits, self.group_size, self.sym = implied_grid(self.grid).values()
         self.validate()
@@ -81,7 +85,7 @@ class QuantConfig:
         if self.bos not in BOS_MODES:
             raise UsageError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}")
         if self.target not in ("layer", "propagated"):
-            raise UsageError(f"target must be 'layer' or 'propagated', got {self.target!r}")
+            raise UsageError(f"target must be 'auto', 'layer' or 'propagated', got {self.target!r}")
         if not 0 <= self.alpha <= 1:
             raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -392,7 +392,7 @@ def _open_output(out: Path, fp: Fingerprint, settings: dict[str, Any], overwrite
         if done == fp:
             log.info("%s is already complete with the same model, calibration and settings; nothing to do", out)
             return None
-        old = _settings(QuantConfig.from_dict(info["config"]),
+        old = _settings(QuantConfig.from_dict({"target": "layer", **info["config"]}),  # no target recorded: layer
                         getattr(torch, info["model"].get("forward_dtype", "float32")))
         raise CheckpointError(f"{out} holds a complete checkpoint made from different "
                               f"{' and '.join(fp.differences(done))}; pass --overwrite to replace it"

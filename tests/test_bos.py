@@ -225,7 +225,8 @@ def test_default_model_under_auto_is_what_it_was_before_bos(tmp_path):
     n = test.numel() // 2048
     assert torch.equal(eval_windows(tokenize(tok, load_text("ptb", "eval")), 2048), test[: n * 2048].reshape(n, 2048))
     # the settings hash of the README's W4 run, as the code before --bos computed it (main at 67a573f)
-    config = QuantConfig(model="smollm2-135m", out=str(tmp_path), bits=4, nsamples=16, seqlen=512)
+    config = QuantConfig(model="smollm2-135m", out=str(tmp_path), bits=4, nsamples=16, seqlen=512,
+                         target="layer")  # the objective of that run (the default target was layer then)
     assert _sha(json.dumps(_settings(config, torch.float32), sort_keys=True).encode()) == SMOLLM2_W4_SETTINGS_SHA
 
 

@@ -130,8 +130,8 @@ def _shard_tensors(out) -> dict[str, torch.Tensor]:
 
 
 def test_alpha_zero_gives_the_layer_objective_checkpoint(tiny_llama, calib_file, tmp_path):
-    layer = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "l"), calib=str(calib_file), **CAL),
-                     progress=False)
+    layer = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "l"), calib=str(calib_file),
+                                 target="layer", **CAL), progress=False)
     zero = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "z"), calib=str(calib_file),
                                 target="propagated", alpha=0.0, **CAL), progress=False)
     a, b = _shard_tensors(layer), _shard_tensors(zero)
@@ -178,3 +178,15 @@ def _block0_only_quantized(original, quantized):
     model = copy.deepcopy(original)
     model.model.layers[0] = quantized.model.layers[0]
     return model
+
+
+def test_auto_target_is_propagated_for_quantease_and_layer_for_the_baselines():
+    """The default target (README "Solvers"): QuantEase solves toward the original model at α = 0.5; RTN and GPTQ,
+    the baselines, keep their usual layer objective; an explicit target is kept; a record made before `auto` holds
+    no target and was the layer objective."""
+    assert (QuantConfig().target, QuantConfig().alpha) == ("propagated", 0.5)
+    assert QuantConfig(method="rtn").target == QuantConfig(method="gptq").target == "layer"
+    assert QuantConfig(method="gptq", target="propagated").target == "propagated"
+    assert QuantConfig(target="layer").target == "layer"
+    assert "target" not in QuantConfig(target="layer").to_dict()  # layer runs' settings stay as they were
+    assert QuantConfig.from_dict(QuantConfig().to_dict()).target == "propagated"
