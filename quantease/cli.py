@@ -362,7 +362,7 @@ def _evaluate(models, datasets: list[str], settings, opts: dict) -> dict[str, di
 def eval_cmd(models, json_out, **opts) -> None:
     """Perplexity and zero-shot accuracy of original models and quantease checkpoints (MODELS: built-in names or
     folders). Results are also saved: in DIR/eval.json for a checkpoint, under $QUANTEASE_CACHE/eval/ otherwise."""
-    from .eval.report import compare, comparison_table
+    from .eval.compare import compare, comparison_table
 
     datasets, settings = _eval_plan(opts)
     if settings is None:  # perplexity only: its own table, and --json as {model: [results]}
@@ -389,7 +389,7 @@ def compare_cmd(models, prefix, **opts) -> None:
     """
     from . import api
     from .errors import DataError
-    from .eval.report import compare, comparison_json, comparison_plot, comparison_table
+    from .eval.compare import compare, comparison_json, comparison_plot, comparison_table
 
     if opts["ppl"] is None and not opts["tasks"]:
         results = {m: api.stored_results(m) for m in models}

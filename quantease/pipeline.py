@@ -166,7 +166,7 @@ def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Te
                        split: tuple[str, torch.Tensor], target: Target | None) -> LayerRecord:
     """Solve one linear (original weight W [out, in] fp32) in place as FFSplit parts: split = (axis, heavy neuron
     indices)."""
-    from .ffsplit import solve_split
+    from .solvers.ffsplit import solve_split
 
     _finite(name, W)
     start = time.perf_counter()
@@ -180,7 +180,7 @@ def _solve_split_layer(module: torch.nn.Module, W: torch.Tensor, sigma: torch.Te
 def _heavy_neurons(W_down: torch.Tensor, sigma_down: torch.Tensor, config: QuantConfig
                    ) -> tuple[torch.Tensor, dict[str, Any]]:
     """FFSplit's heavy set (sorted neuron indices) and the block's heavy-hitter statistics."""
-    from .ffsplit import heavy_count, heavy_hitter_stats, neuron_scores
+    from .solvers.ffsplit import heavy_count, heavy_hitter_stats, neuron_scores
 
     scores = neuron_scores(sigma_down, W_down)  # [I]
     k = heavy_count(config.ffsplit, scores.numel())

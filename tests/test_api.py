@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import quantease
-from quantease.nn import QuantLinear
+from quantease.checkpoint.quant_linear import QuantLinear
 
 
 def test_top_level_names_are_the_api(tiny_llama, calib_file, tmp_path):

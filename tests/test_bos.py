@@ -295,7 +295,7 @@ def test_lm_eval_requests_neither_double_nor_drop_bos(fewshot, models, toks, tmp
 
 
 def test_comparison_rows_keep_bos_modes_apart():
-    from quantease.eval.report import compare
+    from quantease.eval.compare import compare
 
     def ppl(value: float, bos: str | None, adds: bool) -> dict:
         r = {"dataset": "wiki", "seqlen": 512, "windows": 8, "tokens": 4088, "ppl": value}

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import CheckpointError
 from ..models.experts import unfuse_experts
 from ..models.registry import get_arch
-from ..nn import QuantLinear
+from .quant_linear import QuantLinear
 from .native import INFO, MANIFEST, dequantize_tensors, layer_suffixes, read_manifest
 from .resume import RESUME_DIR
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint.native import encode_split
-from .config import QuantConfig
-from .solvers import GridSpec, SolveResult, get_solver, layer_loss
-from .solvers.base import Target
+from ..checkpoint.native import encode_split
+from ..config import QuantConfig
+from .base import SolveResult, Target, get_solver, layer_loss
+from .grid import GridSpec
 
 __all__ = ["heavy_count", "neuron_scores", "heavy_hitter_stats", "SplitLayer", "solve_split"]
 

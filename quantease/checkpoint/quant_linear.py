@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint.native import dequantize_tensors, layer_suffixes, part_weights, split_indices
+from .native import dequantize_tensors, layer_suffixes, part_weights, split_indices
 
 __all__ = ["QuantLinear"]
 
