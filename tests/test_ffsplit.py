@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 from quantease.api import QuantConfig, quantize
 from quantease.checkpoint.native import encode_split
 from quantease.checkpoint.packing import packed_words
+from quantease.checkpoint.quant_linear import QuantLinear
 from quantease.checkpoint.reload import load_quantized
 from quantease.errors import UsageError
 from quantease.eval.heavy_hitters import heavy_hitter_table, plot_heavy_hitters
 from quantease.solvers.ffsplit import heavy_count, neuron_scores
-from quantease.checkpoint.quant_linear import QuantLinear
 
 CAL = dict(nsamples=8, seqlen=64, calib_batch_size=4, device="cpu")
 
