@@ -239,14 +239,15 @@ class _Seconds:
 def quantize_block(
     block: torch.nn.Module, arch: ArchSpec, inputs: BlockInputs, config: QuantConfig,
     observe: Callable[[str, torch.Tensor], None] | None = None, reference: Activations | None = None,
-    weights: WeightSource | None = None, world: World | None = None, reuse: bool = True,
+    weights: WeightSource | None = None, world: World | None = None, reuse: str = "layers",
 ) -> BlockResult:
     """Quantize every linear of one block in place; return their records, the block's output hidden states, given
     the original model's input hidden states (`reference`, target="propagated") the original's outputs, the time
     split and the block forwards the passes cost. `weights` gives each linear's original fp32 weight (default: the
     block's own, upcast). `world`: this rank's place in a multi-process run (distributed.py); `inputs` are then
-    its share of the batches, and each layer is solved by one rank and shared with the others. `reuse`: keep
-    sub-module outputs between passes (the plan turns it off when their memory does not fit).
+    its share of the batches, and each layer is solved by one rank and shared with the others. `reuse`: what keeps
+    its outputs between passes, "layers" (sub-modules and the linears in them), "modules" (sub-modules) or "none";
+    the plan lowers it when the memory does not fit.
 
     With config.ffsplit, the heavy neurons are chosen before the FFN's input group is solved, from the Σ of the
     down projection's input measured (in the same pass) with the original up/gate; see ffsplit.py. Routed experts
@@ -258,7 +259,8 @@ def quantize_block(
     original = copy.deepcopy(block) if reference is not None else None  # the original weights, for the reference
     linears = arch.block_linears(block)
     dense = [n for n in linears if not arch.is_expert(n)]  # what block forwards are counted in
-    caches = tuple(None if b is None else PassCache(b, _reusable(b, linears) if reuse else [], dense)
+    caches = tuple(None if b is None else PassCache(b, _reusable(b, linears) if reuse != "none" else [], dense,
+                                                    layers=reuse == "layers")
                    for b in (block, original))
     with caches[0], (caches[1] or contextlib.nullcontext()):
         records, outputs, ref_outputs, seconds = _quantize_block(block, arch, inputs, config, observe, reference,

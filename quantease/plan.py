@@ -15,11 +15,14 @@ hidden · e one set of calibration hidden states and a = T · hidden · e one ba
             solver allocates (its registered `workspace`, solvers/base.py) + the stage's later accumulators; a group
             solved stacked (q/k/v, gate/up) is one problem of the layers' rows together, q their sum, plus the copy
   output    block + hidden states in and out (2A; 4A with the propagated target) + the forward workspace
-Reusing sub-module outputs between a block's passes (models/reuse.py) holds, for every calibration token, the inputs
-and outputs of the block's children that hold linears (attention and MLP: 4 h; OPT's fc1/fc2 more) on the device,
-in every block phase; when that does not fit the plan turns reuse off (more block forwards, the same results), and
-an offloaded run never reuses. Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps them
-all in pinned memory. The host holds the process as it is when planning (Python, torch, the skeleton), the
+Reusing outputs between a block's passes (models/reuse.py) holds, for every calibration token, the inputs and
+outputs of the block's children that hold linears (attention and MLP: 4 h; OPT's fc1/fc2 more) on the device, in
+every block phase, and with reuse="layers" also those of the linears computed in a pass that stops inside their
+child (a Llama block's q/k/v, 2 h + 2 kv, until attention has run to the end, then gate/up, h + 2 I, until the MLP
+has: the larger of the two more); when that does not fit the plan keeps the children's outputs only ("modules"),
+then none ("none": more block forwards, the same results), and an offloaded run never reuses.
+Offloaded (`--offload-activations`), the device keeps one batch (a) of each set instead of A, and the host keeps
+them all in pinned memory. The host holds the process as it is when planning (Python, torch, the skeleton), the
 offloaded hidden states and the largest host-only moment: the outer tensors read for the first shard, a block tensor
 while it is read and converted, the hidden states copied off the device for the resume state, or tokenizing the
 calibration text (~150 bytes per character). On the CPU, device and host are one memory. Block forwards are passes
@@ -73,6 +76,7 @@ class _Block:
     other_bytes: int  # stored bytes of the tensors that are not quantized (norms, biases)
     largest_tensor: int  # elements of the block's largest tensor
     reused_width: int  # per token, the inputs and outputs the reuse cache holds of the block's reusable children
+    reused_layer_width: int  # and of the linears inside them that it keeps across passes (reuse="layers")
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Plan:
     device: str
     dtype: str
     offload: bool
-    reuse: bool  # sub-module outputs reused between a block's passes (fewer forwards, more memory)
+    reuse: str  # outputs reused between a block's passes (fewer forwards, more memory): "layers", "modules", "none"
     blocks: int
     batches: int
     device_peak: Peak
@@ -137,9 +141,11 @@ class Plan:
 
     def text(self) -> str:
         placement = "offloaded to host memory" if self.offload else "kept on the device"
-        reuse = "reused" if self.reuse else "recomputed (reusing them does not fit)"
+        reuse = {"layers": "sub-module and linear outputs reused between passes",
+                 "modules": "sub-module outputs reused between passes (the linears' do not fit)",
+                 "none": "sub-module outputs recomputed (reusing them does not fit)"}[self.reuse]
         lines = [f"plan: {self.model} ({self.blocks} blocks) on {self.device}, {self.dtype} forwards, "
-                 f"calibration hidden states {placement}, sub-module outputs {reuse} between passes"]
+                 f"calibration hidden states {placement}, {reuse}"]
         rows = [("device", self.device_peak, self.device_free)] if self.device != "cpu" else []
         rows.append(("host" if self.device != "cpu" else "host (= device)", self.host_peak, self.host_free))
         for label, peak, free in rows:
@@ -170,9 +176,17 @@ def _blocks(lazy: LazyModel, sequential: bool) -> list[_Block]:
         children = {l.name.split(".")[0] for l in flow}  # what models/reuse.py caches: the block's direct children
         width = sum(next(l.p for l in flow if l.name.split(".")[0] == c) +
                     next(l.q for l in reversed(flow) if l.name.split(".")[0] == c) for c in children)
+        # Pass t collects stage t's inputs (pass len(stages): the output). A group of stage k runs first in pass
+        # k + 1 and, when its child has layers in a later stage, its output (and input) is kept until the child runs
+        # to the end, in the pass after the child's last stage.
+        last = {c: max(k for k, st in enumerate(stages) for g in st for l in g if l.name.split(".")[0] == c)
+                for c in children}
+        kept = [(k, last[g[0].name.split(".")[0]], g[0].p + sum(l.q for l in g)) for k, st in enumerate(stages)
+                for g in st if "." in g[0].name and not lazy.arch.is_expert(g[0].name)]
+        held = max(sum(w for k, end, w in kept if k < end and k < t <= end + 1) for t in range(len(stages) + 1))
         out.append(_Block(sum(p.numel() for p in params.values()), stages,
                           max(l.q for st in stages for g in st for l in g), other,
-                          max(p.numel() for p in params.values()), width))
+                          max(p.numel() for p in params.values()), width, held))
     return out
 
 
@@ -198,7 +212,7 @@ class _Memory:
     """The device and host peaks of one setting (the module docstring's phases)."""
 
     def __init__(self, lazy: LazyModel, blocks: list[_Block], config: QuantConfig, cuda: bool, offload: bool,
-                 reuse: bool):
+                 reuse: str):
         self.lazy, self.blocks, self.cuda, self.offload, self.reuse = lazy, blocks, cuda, offload, reuse
         self.e = torch.empty((), dtype=lazy.dtype).element_size()
         self.h = lazy.config.hidden_size
@@ -221,7 +235,8 @@ class _Memory:
 
     def block(self, i: int, b: _Block) -> Peak:
         weights = b.params * self.e * (2 if self.paired else 1)
-        cache = self.tokens * b.reused_width * self.e * (2 if self.paired else 1) if self.reuse else 0
+        width = {"layers": b.reused_width + b.reused_layer_width, "modules": b.reused_width, "none": 0}[self.reuse]
+        cache = self.tokens * width * self.e * (2 if self.paired else 1)
         acts = self._acts(self.sets_in) + cache
         forward = self.tokens_b * self.e * max(3 * b.widest + 2 * self.h, 6 * self.h)
         gram = 3 if self.paired else 1
@@ -298,7 +313,7 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, text_c
     cuda = device.type == "cuda"
     device_free, host_free, baseline = available_memory(device), host_available(), rss()
 
-    def plan(offload: bool, reuse: bool) -> Plan:
+    def plan(offload: bool, reuse: str) -> Plan:
         memory = _Memory(lazy, blocks, config, cuda, offload, reuse)
         dev = memory.device()
         host = memory.host(dev, baseline)
@@ -317,10 +332,10 @@ def make_plan(lazy: LazyModel, config: QuantConfig, device: torch.device, text_c
                     host_free, checkpoint, memory.A * (2 if config.target == "propagated" else 1), saves, passes,
                     partial)
 
-    # Reused sub-module outputs (models/reuse.py) save block forwards but hold every batch's inputs and outputs of
-    # the block's children on the device: they are the first thing dropped when a run does not fit, and an
+    # Reused outputs (models/reuse.py) save block forwards but hold every batch's inputs and outputs of the block's
+    # children (and linears) on the device: they are the first thing dropped when a run does not fit, and an
     # offloaded run (whose device cannot hold the hidden states) never keeps them.
-    choices = [(False, True), (False, False), (True, False)]
+    choices = [(False, "layers"), (False, "modules"), (False, "none"), (True, "none")]
     if config.offload_activations != "auto" or not cuda:
         choices = [c for c in choices if c[0] == (config.offload_activations == "on")]
     for offload, reuse in choices:

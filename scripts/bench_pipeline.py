@@ -2,7 +2,9 @@
 
 Each quantization runs as its own `quantease quantize` process, so its wall time and peak RSS are measured cleanly;
 perplexity of the original and of every checkpoint follows the standard protocol. Prints a Markdown table and
-writes JSON.
+writes JSON, and the split of each run's wall time from its run.json: capturing block 0's inputs, block forwards,
+Σ accumulation, layer solves, the rest of the blocks' time (loading, packing, writing) and the process around them
+(imports, plan, tokenizing, the outer shard), with the block forwards the passes cost per block.
 
     python scripts/bench_pipeline.py --methods rtn,gptq,quantease --bits 3,4 --nsamples 128 --seqlen 2048
 """
@@ -29,9 +31,16 @@ def quantize(model: str, out: Path, method: str, bits: int, args: argparse.Names
     wall = time.perf_counter() - start
     peak_kib = int(proc.stdout.strip().splitlines()[-1])
     info = json.loads((out / "quantease.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    split = {k: sum(b[f"{k}_s"] for b in run["blocks"]) for k in ("forward", "sigma", "solve")}
+    blocks = sum(run["blocks_s"])
+    split = {"capture": run["capture_s"], **split, "other": blocks - sum(split.values()),
+             "process": wall - run["capture_s"] - blocks}
     return {"method": method, "bits": bits, "wall_s": round(wall, 1), "peak_rss_mib": round(peak_kib / 1024, 1),
             "bits_per_weight": round(info["summary"]["bits_per_weight"], 3),
-            "mean_rel_error": round(info["summary"]["mean_rel_error"], 5)}
+            "mean_rel_error": round(info["summary"]["mean_rel_error"], 5),
+            "split_s": {k: round(v, 1) for k, v in split.items()},
+            "block_forwards": round(sum(run["block_forwards"]) / len(run["block_forwards"]), 3)}
 
 
 def main() -> None:
@@ -79,6 +88,12 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    parts = ["capture", "forward", "sigma", "solve", "other", "process"]
+    print("\n| method | bits | " + " | ".join(f"{k} s" for k in parts) + " | block forwards per block |\n|" +
+          "---|" * (len(parts) + 3))
+    for row in rows[1:]:
+        print(f"| {row['method']} | {row['bits']} | " + " | ".join(str(row["split_s"][k]) for k in parts) +
+              f" | {row['block_forwards']} |")
 
 
 if __name__ == "__main__":

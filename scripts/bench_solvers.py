@@ -11,6 +11,10 @@ The last row gives each error column's mean ratio to GPTQ's error, the mean swee
 
     python scripts/bench_solvers.py                       # the layers of shared/SOLVER-NOTES.md
     python scripts/bench_solvers.py --layers all --blocks 2,15 --json out.json
+    python scripts/bench_solvers.py --shapes 4096x4096,14336x4096,4096x14336 --device cuda   # Llama-3-8B's shapes
+
+`--shapes` gives only the speed table, on random layers of those [out, in] shapes with a random correlated Σ
+(a rank-256 part plus a diagonal, as activations have a few dominant directions; the timings do not depend on it).
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="where the solvers run: auto (cuda when present), cpu, cuda")
     ap.add_argument("--speed-block", type=int, default=15, help="block whose layer shapes the speed table uses")
     ap.add_argument("--speed-only", action="store_true", help="only the speed table")
+    ap.add_argument("--shapes", default="", help="the speed table on random OUTxIN layers instead (comma-separated)")
     ap.add_argument("--json", metavar="PATH", help="also write all measurements as JSON")
     return ap.parse_args()
 
@@ -125,6 +130,14 @@ def capture_sigmas(model: Any, names: list[str], windows: torch.Tensor) -> dict[
         for h in handles:
             h.remove()
     return {n: (sums[n] / counts[n]).float() for n in names}
+
+
+def random_problem(q: int, p: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [q, p] ~ N(0, 0.02²) and Σ [p, p] = U Uᵀ / 256 + 0.1 I with U [p, 256] ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    W = (0.02 * torch.randn(q, p, generator=g)).to(device)
+    U = torch.randn(p, 256, generator=g).to(device)
+    return W, (U @ U.T / 256 + 0.1 * torch.eye(p, device=device)).contiguous()
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -211,6 +224,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sweeps = ints(args.sweeps)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.shapes:
+        speed = []
+        for shape in args.shapes.split(","):
+            q, p = (int(x) for x in shape.split("x"))
+            speed.append({"layer": "random", **bench_speed(*random_problem(q, p, device))})
+        print(f"random layers on {device}, torch threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.1f}\n")
+        print_speed(speed, args)
+        return
     model, tokenizer = load_model(args.model)
     names = [] if args.speed_only else layer_names(args, model)
     names += [n for n in speed_layers(model, args.speed_block) if n not in names]
@@ -251,6 +273,10 @@ def main() -> None:
         W = torch.cat([model.model.layers.get_submodule(n).weight.detach().float() for n in group]).to(device)
         label = group[0] + "".join("+" + n.rsplit(".", 1)[1] for n in group[1:])
         speed.append({"layer": label, **bench_speed(W, sigmas[group[0]])})
+    print_speed(speed, args, rows)
+
+
+def print_speed(speed: list[dict[str, Any]], args: argparse.Namespace, rows: list[dict[str, Any]] = ()) -> None:
     print("\n" + markdown(speed, [("layer", "layer"), ("shape", "shape"), ("matmul ms", "matmul_ms"),
                                    ("CD sweep ms", "sweep_ms"), ("÷ matmul", "sweep_x"),
                                    ("plain loop ms", "plain_ms"), ("÷ matmul", "plain_x"),
@@ -259,7 +285,7 @@ def main() -> None:
                                    ("refit=0 ms", "refit0_ms"), ("÷ GPTQ", "refit0_x")]))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "errors": rows, "speed": speed}, fh, indent=1)
+            json.dump({"args": vars(args), "errors": list(rows), "speed": speed}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -128,16 +128,20 @@ def test_reusing_sub_module_outputs_leaves_every_sigma_unchanged(family_model, c
         assert all(a <= b for a, b in zip(f1, f0)) and sum(f1) < sum(f0), (f1, f0)
 
 
-@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("reuse", ["layers", "modules", "none"])
 def test_block_forwards_count_what_the_passes_compute(tiny_llama, calib_file, tmp_path, monkeypatch, reuse):
     """A Llama block's true-sequential passes, in multiply-adds of its linears: the q/k/v pass stops at q's input,
     the o pass computes q/k/v, the gate/up pass attention (q/k/v/o), the down pass gate/up (attention reused
     when unchanged, else recomputed), and the output pass the whole MLP (and attention when not reused). A pass
-    stopped at a layer's input has not computed that layer."""
+    stopped at a layer's input has not computed that layer. Reusing the linears' outputs too, the gate/up pass
+    computes only o and the output pass only down: every linear once, one block forward."""
     from quantease import pipeline
+    from quantease.models.reuse import PassCache
 
-    if not reuse:
+    if reuse == "none":
         monkeypatch.setattr(pipeline, "_reusable", lambda block, linears: [])
+    if reuse == "modules":
+        monkeypatch.setattr(pipeline, "PassCache", lambda *args, layers: PassCache(*args, layers=False))
     out = quantize(QuantConfig(model=str(tiny_llama), out=str(tmp_path / "q"), method="rtn", bits=4,
                                calib=str(calib_file), nsamples=4, seqlen=64, device="cpu"), progress=False)
     cfg = T.AutoConfig.from_pretrained(tiny_llama)
@@ -145,6 +149,8 @@ def test_block_forwards_count_what_the_passes_compute(tiny_llama, calib_file, tm
     kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
     qkv, o, gate_up, down = h * (h + 2 * kv), h * h, 2 * h * i, i * h
     attention = qkv + o
-    work = qkv + attention + gate_up + (gate_up + down) + (0 if reuse else 2 * attention)
+    work = {"layers": qkv + o + gate_up + down,
+            "modules": qkv + attention + gate_up + (gate_up + down),
+            "none": qkv + attention + gate_up + (gate_up + down) + 2 * attention}[reuse]
     expected = work / (attention + gate_up + down)
     assert json.loads((out / "run.json").read_text())["block_forwards"] == [round(expected, 3)] * cfg.num_hidden_layers

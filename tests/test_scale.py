@@ -194,33 +194,43 @@ def test_impossible_plan_exits_with_the_option_that_fixes_it(tiny_llama, calib_f
     assert res.output.strip().endswith("use --batch-size 1 --nsamples 32")
 
 
-def test_a_plan_that_fits_only_without_reused_outputs_recomputes_them(tiny_llama, calib_file, tmp_path,
-                                                                      monkeypatch):
-    """RAM between what a run needs with and without reusing sub-module outputs: the plan drops the reuse (it
-    holds the inputs and outputs of attention and MLP, 4 · hidden values per token), and the run then computes more
-    block forwards and writes the same checkpoint."""
+def test_a_plan_that_fits_only_with_fewer_reused_outputs_recomputes_them(tiny_llama, calib_file, tmp_path,
+                                                                         monkeypatch):
+    """RAM between what a run needs at one level of reuse and at the next lower one: the plan keeps the sub-modules'
+    outputs but not the linears' (attention and MLP hold 4 h values per token; q/k/v's input and outputs, 2 h + 2 kv,
+    are kept until attention has run to the end, then gate/up's, h + 2 I, until the MLP has), then none; each lower
+    level computes more block forwards and writes the same checkpoint."""
     monkeypatch.setattr(plan_module, "rss", lambda: 400 * 2**20)
     settings = dict(model=str(tiny_llama), calib=str(calib_file), nsamples=64, seqlen=256, device="cpu",
                     target="layer")  # one set of hidden states (the propagated target doubles the cache)
+    cfg = LlamaConfig.from_pretrained(tiny_llama)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
+    tokens_fp32 = 64 * 256 * 4
+    cache = {"layers": tokens_fp32 * (4 * h + max(2 * h + 2 * kv, h + 2 * i)), "modules": tokens_fp32 * 4 * h,
+             "none": 0}
     roomy = plan(QuantConfig(**settings))
-    assert roomy.reuse
-    hidden = LlamaConfig.from_pretrained(tiny_llama).hidden_size
-    assert roomy.host_peak.parts["reused outputs"] == 64 * 256 * 4 * hidden * 4  # tokens · 4 h · fp32
-    made = quantize(QuantConfig(**settings, out=str(tmp_path / "reuse"), method="rtn"), progress=False)
-    for free in ("host_available", "available_memory"):
-        monkeypatch.setattr(plan_module, free, lambda *device: 0)
-    lean = plan(QuantConfig(**settings))  # nothing fits: the leanest choice
-    assert not lean.reuse and "reused outputs" not in {k for k, v in lean.host_peak.parts.items() if v}
-    room = int((roomy.host_peak.bytes + lean.host_peak.bytes) / 2 / 0.92)
-    assert lean.host_peak.bytes < 0.92 * room < roomy.host_peak.bytes
-    for free in ("host_available", "available_memory"):
-        monkeypatch.setattr(plan_module, free, lambda *device: room)
-    assert not plan(QuantConfig(**settings)).reuse
-    again = quantize(QuantConfig(**settings, out=str(tmp_path / "recompute"), method="rtn"), progress=False)
-    forwards = [json.loads((d / "run.json").read_text())["block_forwards"] for d in (made, again)]
-    assert all(a < b for a, b in zip(*forwards))
-    shards = sorted(p.name for p in made.glob("*.safetensors"))
-    assert shards and all((made / n).read_bytes() == (again / n).read_bytes() for n in shards)
+    assert roomy.reuse == "layers" and roomy.host_peak.parts["reused outputs"] == cache["layers"]
+
+    def room(free: int) -> None:
+        for name in ("host_available", "available_memory"):
+            monkeypatch.setattr(plan_module, name, lambda *device: free)
+
+    room(0)  # nothing fits: the leanest choice
+    lean = plan(QuantConfig(**settings))
+    assert lean.reuse == "none" and "reused outputs" not in {k for k, v in lean.host_peak.parts.items() if v}
+    peaks = {level: roomy.host_peak.bytes - cache["layers"] + cache[level] for level in cache}
+    assert peaks["none"] == lean.host_peak.bytes  # the cache is all that differs at the peak
+    made = {}
+    for level, above in (("layers", None), ("modules", "layers"), ("none", "modules")):
+        room(int((peaks[level] + peaks[above]) / 2 / 0.92) if above else 2**50)
+        chosen = plan(QuantConfig(**settings))
+        assert chosen.reuse == level and chosen.host_peak.bytes == peaks[level]
+        made[level] = quantize(QuantConfig(**settings, out=str(tmp_path / level), method="rtn"), progress=False)
+    forwards = [json.loads((made[level] / "run.json").read_text())["block_forwards"] for level in cache]
+    assert all(a < b < c for a, b, c in zip(*forwards)), forwards
+    shards = sorted(p.name for p in made["layers"].glob("*.safetensors"))
+    assert shards and all(len({(made[level] / n).read_bytes() for level in cache}) == 1 for n in shards)
 
 
 def test_plan_command_prints_every_line(tiny_llama, calib_file):

@@ -5,9 +5,12 @@ Models" (arXiv 2309.01885), Section 3, Algorithm 1. Objective  f(Ŵ) = tr((Ŵ - 
 column fixed, f is a 1-D quadratic in each entry of column j, so its exact minimizer over the grid is the nearest
 grid point of the unconstrained minimizer, for all rows at once and without any matrix inverse:
     Ŵ_j ← q_j(Ŵ_j - G_j / Σ_jj),        G = (Ŵ - W) Σ   [q, p],
-and a sweep over all columns never increases f. Blocked like GPTQ: G is recomputed at the start of each sweep
-(which also gives f = Σ D ⊙ G); inside a block of B columns each column adds the changes of the block's earlier
-columns (one matvec), and after the block the later columns get G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul.
+and a sweep over all columns never increases f. Blocked like GPTQ: inside a block of B columns each column adds
+the changes of the block's earlier columns (one matvec), and after the block the later columns get
+G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul. After the sweep each block adds the changes of itself and the later
+blocks, G[:, i1:i2] += Δ[:, i1:] Σ[i1:, i1:i2], so G is the new iterate's residual (and f = ⟨D, G⟩ up to the
+target's terms) without recomputing (Ŵ - W) Σ: a sweep costs q·p² multiply-adds for G, as one [q, p] @ [p, p]
+matmul does, plus the block products. G is recomputed from scratch at the start of each descent (after a refit).
 A relaxed sweep replaces q_j by clamping to the grid's range (the original code, linkedin/QuantEase, makes every
 third of its sweeps unrounded and unclamped). Damping (ridge λI) changes only the solve; f is always undamped.
 
@@ -87,14 +90,16 @@ class QuantEaseOptions:
 
 
 def sweep_flops(q: int, p: int, block_size: int) -> float:
-    """Floating-point operations of one sweep as implemented: residual G and f, and per block the strictly-lower
-    triangular block product, the per-column matvecs, the per-column rounding and the lazy update of later columns."""
-    flops = 2.0 * q * p * p + 4.0 * q * p  # Gᵀ = Σ Dᵀ, f, G += λD
+    """Floating-point operations of one sweep as implemented: per block the strictly-lower triangular block
+    product, the per-column matvecs, the per-column rounding and the lazy update of later columns; then the
+    completion of G by each block's and the later blocks' changes, G += λΔ, and f."""
+    flops = 4.0 * q * p + 6.0 * q * p  # G += λΔ; D and f
     for i1 in range(0, p, block_size):
         b = min(block_size, p - i1)
         flops += 2.0 * q * b * b + 4.0 * q * b  # tril(Σ₁) Q₁ and V₁
         flops += q * b * (b - 1) + 6.0 * q * b  # matvecs N₁[:i]ᵀ Σ₁[i, :i], rounding
         flops += 2.0 * q * b * (p - i1 - b) + q * b  # lazy update of later columns, Δ₁
+        flops += 2.0 * q * b * (p - i1)  # completion: this block's and the later blocks' changes
     return flops
 
 
@@ -113,10 +118,25 @@ def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: floa
     return Gt.add_(Dt, alpha=lam), fs
 
 
+def _losses(Qt: torch.Tensor, Gt: torch.Tensor, Wt: torch.Tensor, lam: float, Bt: torch.Tensor | None,
+            consts: tuple[float, ...], segments: tuple[slice, ...]) -> list[float]:
+    """Each segment's undamped f from the residual Gᵀ = (Σ + λI)Dᵀ - Bᵀ (see `_residual`): with ΣDᵀ = Gᵀ + Bᵀ - λDᵀ,
+    f = ⟨D, G⟩ - λ⟨D, D⟩ - ⟨D, B⟩ + const."""
+    Dt = Qt - Wt  # [p, q]
+    fs = [float((Dt[:, s] * Gt[:, s]).sum()) for s in segments]
+    if lam:
+        fs = [f - lam * float(Dt[:, s].square().sum()) for f, s in zip(fs, segments)]
+    if Bt is not None:
+        fs = [f + c - float((Dt[:, s] * Bt[:, s]).sum()) for f, c, s in zip(fs, consts, segments)]
+    return fs
+
+
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
-           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto") -> None:
+           zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto",
+           lam: float = 0.0) -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
-    each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ on entry and is consumed.
+    each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ (- Bᵀ) on entry, and is that of the new Q
+    on exit.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
     In block i1:i2, new rows N₁, old Q₁, Σ₁:
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
@@ -126,6 +146,7 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
     p = Qt.shape[0]
     compiled = kernel == "auto" and cd_kernel.usable(Qt, Sigma)
     dinv_list = dinv.tolist()
+    Dt = torch.empty_like(Qt)  # [p, q] the sweep's change of Q
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
         S1 = Sigma[i1:i2, i1:i2]  # [B, B]
@@ -138,8 +159,13 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
             cd_kernel.cd_block(N1, S1, V1, s1, z1, o1, dinv[i1:i2], maxq, relaxed)
         else:
             _column_loop(N1, S1, V1, s1, z1, o1, dinv_list[i1:i2], maxq, relaxed)
-        Gt[i2:].addmm_(Sigma[i2:, i1:i2], N1 - Q1)  # later columns see this block's change
+        torch.sub(N1, Q1, out=Dt[i1:i2])
+        Gt[i2:].addmm_(Sigma[i2:, i1:i2], Dt[i1:i2])  # later columns see this block's change
         Qt[i1:i2] = N1
+    for i1 in range(0, p, block_size):  # each block's residual gets its own and the later blocks' changes
+        Gt[i1:i1 + block_size].addmm_(Sigma[i1:i1 + block_size, i1:], Dt[i1:])
+    if lam:
+        Gt.add_(Dt, alpha=lam)
 
 
 def _column_loop(N1: torch.Tensor, S1: torch.Tensor, V1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
@@ -169,7 +195,7 @@ def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, 
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
     Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
-    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False)
+    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False, lam=lam)
     return Qt.t()
 
 
@@ -269,9 +295,11 @@ class _Problem:
     def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
 
-    def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> None:
+    def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> list[float]:
+        """One sweep in place (Gt kept the residual); each segment's new f."""
         _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.ot, self.grid.maxq, self.options.block_size,
-               relaxed, self.options.kernel)
+               relaxed, self.options.kernel, self.lam)
+        return _losses(Qt, Gt, self.Wt, self.lam, self.Bt, self.consts, self.segments)
 
     def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
              active: list[bool]) -> None:
@@ -290,8 +318,7 @@ class _Problem:
         prev: list[float | None] = [None if first_from_w else f for f in fs]
         active = [True] * len(self.segments)
         for _ in range(self.options.sweeps):
-            self.sweep(Qt, Gt)
-            Gt, fs = self.residual(Qt)
+            fs = self.sweep(Qt, Gt)
             self.keep(Qt, fs, bests, histories, active)
             for k, f in enumerate(fs):
                 if active[k] and prev[k] is not None and prev[k] - f <= self.options.tol * prev[k]:
@@ -315,7 +342,7 @@ class _Problem:
 
 def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
     """The larger of the GPTQ initialization's and the CD sweeps' working set: ten and a half [q, p] fp32 (Wᵀ, the
-    grid's scale and zero columns, the iterate, the best one, the residual G and the next residual with its D,
+    grid's scale and zero columns, the iterate, the best one, the residual G, the sweep's change and D for f,
     measured on the CPU); a propagated target adds its shift [q, p], outliers the dense H and gradient."""
     init = gptq_workspace(q, p, GPTQOptions(), target) if options.init == "gptq" else 0
     cd = 42 * q * p + (4 * q * p if target else 0)
@@ -374,7 +401,6 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
         Gt, _ = prob.residual(Qt)
         for _ in range(options.relax_sweeps):
             prob.sweep(Qt, Gt, relaxed=True)
-            Gt, _ = prob.residual(Qt)
     prob.descend(Qt, fs, bests, histories, first_from_w=from_w)
     for _ in range(0 if spec.gguf else options.refit):  # a GGUF grid keeps llama.cpp's own scale fit
         prob.refit(W, Sigma, bests, spec.sym, target, histories)
