@@ -232,19 +232,21 @@ def test_compiled_column_loop_gives_the_same_bits_on_any_number_of_threads():
     B, q = 64, 300  # 300 rows: split into chunks at 2 and 4 threads
     S = torch.randn(B, B, generator=g)
     S = S @ S.T / B + torch.eye(B)
-    V = torch.randn(B, q, generator=g)
+    G = torch.randn(B, q, generator=g)
     s, z = torch.rand(B, q, generator=g) * 0.2 + 0.05, torch.randint(0, 8, (B, q), generator=g).float()
+    Q0 = (z + torch.randint(-1, 2, (B, q), generator=g)).clamp(0, 7) * s - s * z  # on the grid
     dinv = 1 / torch.diagonal(S)
     dinv[3] = 0  # a dead input
     threads, results = torch.get_num_threads(), []
     try:
         for n in (1, 2, 4):
             torch.set_num_threads(n)
-            N = V.clone()
-            cd_kernel.cd_block(N, S, V, s, z, s * z, dinv, 7, False)
-            results.append(N)
+            Q, D = Q0.clone(), torch.full_like(Q0, float("nan"))
+            cd_kernel.cd_block(Q, D, S, G, s, z, s * z, dinv, 7, False)
+            results.append((Q, D))
     finally:
         torch.set_num_threads(threads)
-    assert not torch.equal(results[0], V)
+    Q, D = results[0]
+    assert not torch.equal(Q, Q0) and torch.equal(Q[3], Q0[3]) and torch.equal(D, Q - Q0)  # D: the changes
     for r in results[1:]:
-        assert torch.equal(r, results[0])
+        assert torch.equal(r[0], Q) and torch.equal(r[1], D)

@@ -10,7 +10,7 @@ the changes of the block's earlier columns (one matvec), and after the block the
 G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul. After the sweep each block adds the changes of itself and the later
 blocks, G[:, i1:i2] += Δ[:, i1:] Σ[i1:, i1:i2], so G is the new iterate's residual (and f = ⟨D, G⟩ up to the
 target's terms) without recomputing (Ŵ - W) Σ: a sweep costs q·p² multiply-adds for G, as one [q, p] @ [p, p]
-matmul does, plus the block products. G is recomputed from scratch at the start of each descent (after a refit).
+matmul does, plus about q·p·B/2 in the column loops. G is recomputed from scratch at the start of each descent.
 A relaxed sweep replaces q_j by clamping to the grid's range (the original code, linkedin/QuantEase, makes every
 third of its sweeps unrounded and unclamped). Damping (ridge λI) changes only the solve; f is always undamped.
 
@@ -90,15 +90,14 @@ class QuantEaseOptions:
 
 
 def sweep_flops(q: int, p: int, block_size: int) -> float:
-    """Floating-point operations of one sweep as implemented: per block the strictly-lower triangular block
-    product, the per-column matvecs, the per-column rounding and the lazy update of later columns; then the
-    completion of G by each block's and the later blocks' changes, G += λΔ, and f."""
-    flops = 4.0 * q * p + 6.0 * q * p  # G += λΔ; D and f
+    """Floating-point operations of one sweep as implemented: per block the per-column matvecs over the block's
+    earlier changes, u and the rounding, and the lazy update of later columns; then the completion of G by each
+    block's and the later blocks' changes, G += λΔ, and f."""
+    flops = 2.0 * q * p + 5.0 * q * p  # G += λΔ; D and f
     for i1 in range(0, p, block_size):
         b = min(block_size, p - i1)
-        flops += 2.0 * q * b * b + 4.0 * q * b  # tril(Σ₁) Q₁ and V₁
-        flops += q * b * (b - 1) + 6.0 * q * b  # matvecs N₁[:i]ᵀ Σ₁[i, :i], rounding
-        flops += 2.0 * q * b * (p - i1 - b) + q * b  # lazy update of later columns, Δ₁
+        flops += q * b * (b - 1) + 9.0 * q * b  # matvecs Δ₁[:i]ᵀ Σ₁[i, :i], u, rounding, Δ
+        flops += 2.0 * q * b * (p - i1 - b)  # lazy update of later columns
         flops += 2.0 * q * b * (p - i1)  # completion: this block's and the later blocks' changes
     return flops
 
@@ -138,49 +137,44 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
     each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ (- Bᵀ) on entry, and is that of the new Q
     on exit.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
-    In block i1:i2, new rows N₁, old Q₁, Σ₁:
-        u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] (N_k - Q_k)) = V_i - dinv_i N₁[:i]ᵀ Σ₁[i, :i],
-        V = Q₁ - dinv (G₁ - tril(Σ₁, -1) Q₁)   (one matmul per block, so each column costs one matvec).
-    kernel="auto" runs each block's column loop as one compiled kernel on CPU (cd_kernel.py); "plain" (and CUDA)
-    as torch ops, column by column."""
+    In block i1:i2, with Σ₁ its diagonal block, G₁ its residual rows at the block's start and Δ its changes so far,
+        u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] Δ_k)        (one matvec per column)
+    and Q_i becomes u_i's nearest grid point. kernel="auto" runs each block's column loop as one compiled kernel on
+    CPU (cd_kernel.py); "plain" (and CUDA) as torch ops, column by column."""
     p = Qt.shape[0]
     compiled = kernel == "auto" and cd_kernel.usable(Qt, Sigma)
     dinv_list = dinv.tolist()
     Dt = torch.empty_like(Qt)  # [p, q] the sweep's change of Q
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
-        S1 = Sigma[i1:i2, i1:i2]  # [B, B]
-        Q1 = Qt[i1:i2]  # [B, q]
-        d1 = dinv[i1:i2, None]  # [B, 1]
-        V1 = Q1 - d1 * (Gt[i1:i2] - torch.tril(S1, -1) @ Q1)  # [B, q]
-        N1 = Q1.clone()  # [B, q] new rows
-        s1, z1, o1 = st[i1:i2], zt[i1:i2], ot[i1:i2]  # [B, q]
+        blk = (Qt[i1:i2], Dt[i1:i2], Sigma[i1:i2, i1:i2], Gt[i1:i2], st[i1:i2], zt[i1:i2], ot[i1:i2])  # [B, q], S₁ [B, B]
         if compiled:
-            cd_kernel.cd_block(N1, S1, V1, s1, z1, o1, dinv[i1:i2], maxq, relaxed)
+            cd_kernel.cd_block(*blk, dinv[i1:i2], maxq, relaxed)
         else:
-            _column_loop(N1, S1, V1, s1, z1, o1, dinv_list[i1:i2], maxq, relaxed)
-        torch.sub(N1, Q1, out=Dt[i1:i2])
+            _column_loop(*blk, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], Dt[i1:i2])  # later columns see this block's change
-        Qt[i1:i2] = N1
     for i1 in range(0, p, block_size):  # each block's residual gets its own and the later blocks' changes
         Gt[i1:i1 + block_size].addmm_(Sigma[i1:i1 + block_size, i1:], Dt[i1:])
     if lam:
         Gt.add_(Dt, alpha=lam)
 
 
-def _column_loop(N1: torch.Tensor, S1: torch.Tensor, V1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor,
-                 o1: torch.Tensor, dinv: list[float], maxq: int, relaxed: bool) -> None:
-    """The reference column loop of one block (see `_sweep`), in place on N1 [B, q]."""
-    for i in range(N1.shape[0]):
+def _column_loop(Q1: torch.Tensor, D1: torch.Tensor, S1: torch.Tensor, G1: torch.Tensor, s1: torch.Tensor,
+                 z1: torch.Tensor, o1: torch.Tensor, dinv: list[float], maxq: int, relaxed: bool) -> None:
+    """The reference column loop of one block (see `_sweep`), in place on Q1 [B, q], its changes into D1 [B, q]."""
+    for i in range(Q1.shape[0]):
         if dinv[i] == 0:
+            D1[i] = 0
             continue
-        u = torch.addmv(V1[i], N1[:i].t(), S1[i, :i], alpha=-dinv[i])  # [q] real minimizer
+        u = torch.addmv(G1[i], D1[:i].t(), S1[i, :i]).mul_(-dinv[i]).add_(Q1[i])  # [q] real minimizer
         if relaxed:  # the grid's range; its ends swap where s < 0 (GGUF's signed scales)
             lo, hi = -o1[i], s1[i] * maxq - o1[i]
-            torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi), out=N1[i])
+            new = torch.clamp(u, torch.minimum(lo, hi), torch.maximum(lo, hi))
         else:  # nearest grid point; Ŵ = s c - o exactly as Grid.dequantize computes it
             c = torch.addcdiv(z1[i], u, s1[i]).round_().clamp_(0, maxq)
-            torch.sub(c.mul_(s1[i]), o1[i], out=N1[i])
+            new = c.mul_(s1[i]).sub_(o1[i])
+        torch.sub(new, Q1[i], out=D1[i])
+        Q1[i] = new
 
 
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
