@@ -70,7 +70,7 @@ class PassCache:
             inner = {f"{name}.{n}" if n else name for n, _ in module.named_modules()}
             module.forward = self._wrap(name, module, type(module).forward.__get__(module), inner)
         for name in self._linears:
-            if name not in self._inside:  # a wrapped linear is counted when it computes, not when reused
+            if name not in self.names and name not in self._inside:  # a wrapped linear counts when it computes
                 self._handles.append(self.block.get_submodule(name).register_forward_hook(
                     lambda module, args, output: self._count(module, args)))  # after it ran: a pass may stop before
         return self
@@ -99,7 +99,7 @@ class PassCache:
                 return entry.output
             self._entries.pop(key, None)
             output = forward(*args, **kwargs)  # an interrupted pass (a collecting hook stops it) caches nothing
-            if name in self._inside:
+            if name in self._linears:
                 self._count(module, args)
             for n in held:
                 self._entries.pop((n, self.batch), None)
