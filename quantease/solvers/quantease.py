@@ -110,11 +110,10 @@ def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: floa
     f = ⟨D, DΣ⟩). Each segment's f is summed over its own columns of Dᵀ, as a solve of that layer alone would."""
     Dt = Qt - Wt  # [p, q]
     Gt = Sigma @ Dt  # [p, q]
-    fs = [float((Dt[:, s] * Gt[:, s]).sum()) for s in segments]
     if Bt is not None:
-        fs = [f + c - 2 * float((Dt[:, s] * Bt[:, s]).sum()) for f, c, s in zip(fs, consts, segments)]
         Gt.sub_(Bt)
-    return Gt.add_(Dt, alpha=lam), fs
+    Gt.add_(Dt, alpha=lam)
+    return Gt, _losses(Qt, Gt, Wt, lam, Bt, consts, segments)
 
 
 def _losses(Qt: torch.Tensor, Gt: torch.Tensor, Wt: torch.Tensor, lam: float, Bt: torch.Tensor | None,
@@ -132,10 +131,10 @@ def _losses(Qt: torch.Tensor, Gt: torch.Tensor, Wt: torch.Tensor, lam: float, Bt
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor, st: torch.Tensor,
            zt: torch.Tensor, ot: torch.Tensor, maxq: int, block_size: int, relaxed: bool, kernel: str = "auto",
-           lam: float = 0.0) -> None:
+           lam: float = 0.0, complete: bool = True) -> None:
     """One cyclic pass over the columns of Q, in place. Tensors are transposed, [p, q]: row j is column j, so
-    each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ (- Bᵀ) on entry, and is that of the new Q
-    on exit.
+    each update touches contiguous memory. Gt must be (Σ + λI)(Q - W)ᵀ (- Bᵀ) on entry; on exit it is that of the
+    new Q, or, with complete=False (a caller that starts its next sweep elsewhere), consumed.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
     In block i1:i2, with Σ₁ its diagonal block, G₁ its residual rows at the block's start and Δ its changes so far,
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] Δ_k)        (one matvec per column)
@@ -147,12 +146,15 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
     Dt = torch.empty_like(Qt)  # [p, q] the sweep's change of Q
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
-        blk = (Qt[i1:i2], Dt[i1:i2], Sigma[i1:i2, i1:i2], Gt[i1:i2], st[i1:i2], zt[i1:i2], ot[i1:i2])  # [B, q], S₁ [B, B]
+        # Q₁, Δ₁ [B, q], Σ₁ [B, B], G₁ and the grid's columns [B, q]
+        blk = (Qt[i1:i2], Dt[i1:i2], Sigma[i1:i2, i1:i2], Gt[i1:i2], st[i1:i2], zt[i1:i2], ot[i1:i2])
         if compiled:
             cd_kernel.cd_block(*blk, dinv[i1:i2], maxq, relaxed)
         else:
             _column_loop(*blk, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], Dt[i1:i2])  # later columns see this block's change
+    if not complete:
+        return
     for i1 in range(0, p, block_size):  # each block's residual gets its own and the later blocks' changes
         Gt[i1:i1 + block_size].addmm_(Sigma[i1:i1 + block_size, i1:], Dt[i1:])
     if lam:
@@ -189,7 +191,7 @@ def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, 
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
     Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
-    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False, lam=lam)
+    _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False, complete=False)
     return Qt.t()
 
 
