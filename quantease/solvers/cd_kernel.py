@@ -1,5 +1,7 @@
-"""The QuantEase column loop of one block as one compiled CPU kernel (numba), instead of ~6 dispatched torch ops
-per column.
+"""Compiled CPU kernels (numba) of the QuantEase sweep: the dense column loop of one block, and a whole sweep of
+an iterate already on the grid, which does work only where an entry changes.
+
+`cd_block`: the column loop of one block as one compiled unit, instead of ~6 dispatched torch ops per column.
 
 Inside a block of B columns (solvers/quantease.py, `_sweep`), column i's new value depends on the new values of the
 block's earlier columns, so the loop over i is sequential; but rows never interact, so each thread runs the whole
@@ -14,6 +16,16 @@ plain loop's matvec leaves it to BLAS) and whether d · (...) is fused into the 
 from the plain loop's only where z + u/s falls within float rounding of a half-integer; both are exact coordinate
 minimizers up to that rounding. The plain torch loop stays the reference (and runs on CUDA tensors, which this
 kernel does not take).
+
+`cd_sweep_rows`: a sweep from an iterate on the grid changes only 0.1-1.5% of its entries (measured on the default
+model's layers, W3 from act-order GPTQ), so instead of the blocked update's q·p² flops it keeps the residual
+G = (Q - W)(Σ + λI) - B exact row by row: row r of Q [q, p] is scanned column by column, and a change δ at column j
+adds δ Σ[j, :] (+ λδ at j) to row r of G [q, p], an axpy over contiguous memory. The scan itself is vectorized by
+speculation: a chunk of columns is rounded at once from the current G, and only a chunk with a change is cut at its
+first change and scanned again from there after the update. Per column the arithmetic is the one above (with a
+fused multiply-add where the compiler chooses); G accumulates in another order than the blocked sweep's matmuls,
+so the same reasoning about float ties holds. Each row's change of f is summed from its changes in fp64, so the
+caller needs no pass over the iterate for f.
 """
 from __future__ import annotations
 
@@ -21,7 +33,10 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["cd_block", "usable"]
+__all__ = ["cd_block", "cd_sweep_rows", "usable"]
+
+_FASTMATH = {"nnan", "ninf", "nsz", "contract"}  # vectorizes rint and min/max; no reassociation
+_CHUNK = 64  # columns rounded at once before the first change is looked for
 
 
 @numba.njit(cache=True, boundscheck=False)
@@ -95,3 +110,84 @@ def cd_block(Q1: torch.Tensor, D1: torch.Tensor, S1: torch.Tensor, G1: torch.Ten
     else:
         numba.set_num_threads(threads)
         _cd_chunks(*args, chunks)
+
+
+@numba.njit(cache=True, boundscheck=False, fastmath=_FASTMATH)
+def _scan_row(q: np.ndarray, g: np.ndarray, w: np.ndarray, S: np.ndarray, dinv: np.ndarray, runs: np.ndarray,
+              groups: np.ndarray, s: np.ndarray, z: np.ndarray, o: np.ndarray, maxq: float, lam: float,
+              new: np.ndarray) -> float:  # pragma: no cover (compiled)
+    """One row's sweep in place: q, g, w [p] its iterate, residual and W; columns runs[a]:runs[a + 1] lie in group
+    groups[a] (s, z, o [G] the row's grid). Returns the change of the row's undamped f, in fp64: a change δ at j
+    moves f by δ (2 (g_j - λ D_j) + δ Σ_jj), D = q - w before it (g - λD is the undamped residual)."""
+    p = q.shape[0]
+    df = 0.0
+    for a in range(runs.shape[0] - 1):
+        sc, zc, oc = s[groups[a]], z[groups[a]], o[groups[a]]
+        j, end = runs[a], runs[a + 1]
+        while j < end:
+            e = min(j + _CHUNK, end)
+            changed = np.int32(0)  # an int32 flag: an int64 count keeps the loop from vectorizing
+            for k in range(e - j):
+                qk = q[j + k]
+                v = min(max(np.rint(zc + (qk - dinv[j + k] * g[j + k]) / sc), np.float32(0)), maxq) * sc - oc
+                v = v if dinv[j + k] != 0 else qk  # a dead input keeps its entry
+                new[k] = v
+                changed |= np.int32(v != qk)
+            if not changed:
+                j = e
+                continue
+            k = j
+            while new[k - j] == q[k]:
+                k += 1
+            d = new[k - j] - q[k]
+            df += float(d) * (2.0 * (float(g[k]) - lam * float(q[k] - w[k])) + float(d) * float(S[k, k]))
+            q[k] = new[k - j]
+            for m in range(p):
+                g[m] += d * S[k, m]
+            g[k] += lam * d
+            j = k + 1
+    return df
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _sweep_rows(Q: np.ndarray, G: np.ndarray, W: np.ndarray, S: np.ndarray, dinv: np.ndarray, runs: np.ndarray,
+                groups: np.ndarray, s: np.ndarray, z: np.ndarray, o: np.ndarray, maxq: float, lam: float,
+                rows: np.ndarray, df: np.ndarray, first: int, step: int) -> None:  # pragma: no cover (compiled)
+    """_scan_row on rows[first::step]."""
+    new = np.empty(_CHUNK, np.float32)
+    for i in range(first, rows.shape[0], step):
+        r = rows[i]
+        df[r] = _scan_row(Q[r], G[r], W[r], S, dinv, runs, groups, s[r], z[r], o[r], maxq, lam, new)
+
+
+@numba.njit(cache=True, parallel=True, boundscheck=False)
+def _sweep_rows_parallel(Q: np.ndarray, G: np.ndarray, W: np.ndarray, S: np.ndarray, dinv: np.ndarray,
+                         runs: np.ndarray, groups: np.ndarray, s: np.ndarray, z: np.ndarray, o: np.ndarray,
+                         maxq: float, lam: float, rows: np.ndarray, df: np.ndarray, threads: int
+                         ) -> None:  # pragma: no cover (compiled)
+    """_sweep_rows with the rows dealt round-robin to `threads` threads (a layer's costly rows may be adjacent)."""
+    for t in numba.prange(threads):
+        _sweep_rows(Q, G, W, S, dinv, runs, groups, s, z, o, maxq, lam, rows, df, t, threads)
+
+
+def cd_sweep_rows(Q: torch.Tensor, G: torch.Tensor, W: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor,
+                  scale: torch.Tensor, zero: torch.Tensor, shift: torch.Tensor, g_idx: torch.Tensor, maxq: int,
+                  lam: float, rows: torch.Tensor) -> torch.Tensor:
+    """One rounded sweep, in natural column order, of the given rows of Q [q, p] (on the grid scale · c - shift,
+    scale/zero/shift [q, G], column j in group g_idx[j]), in place, with the residual G [q, p] kept exact:
+    G = (Q - W)(Σ + λI) - B on entry and on exit (B: a propagated target's, or 0). Returns each row's change of
+    the undamped f (fp64 [q], 0 for rows not swept); see the module docstring."""
+    assert Q.is_contiguous() and G.is_contiguous()
+    gi = g_idx.numpy()
+    runs = np.concatenate([[0], np.flatnonzero(gi[1:] != gi[:-1]) + 1, [gi.shape[0]]]).astype(np.int64)
+    df = np.zeros(Q.shape[0])
+    args = (Q.numpy(), G.numpy(), W.contiguous().numpy(), Sigma.contiguous().numpy(), dinv.contiguous().numpy(),
+            runs, gi[runs[:-1]].astype(np.int64), *(t.contiguous().numpy() for t in (scale, zero, shift)),
+            np.float32(maxq), np.float32(lam), rows.numpy().astype(np.int64), df)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if rows.numel() < 64 * threads:  # never start numba's pool for a small problem (see cd_block)
+        _sweep_rows(*args, 0, 1)
+    else:
+        numba.set_num_threads(threads)
+        _sweep_rows_parallel(*args, threads)
+    return torch.from_numpy(df)

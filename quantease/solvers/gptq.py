@@ -22,7 +22,7 @@ from .base import (QuantizedWeight, SolveResult, Target, layer_loss, loss_worksp
                    split_stacked)
 from .grid import Grid, GridSpec, fit_grid
 
-__all__ = ["GPTQOptions", "check_layer", "solve", "solve_stacked", "workspace"]
+__all__ = ["GPTQOptions", "check_layer", "quantize", "solve", "solve_stacked", "workspace"]
 
 _FIRST_RETRY_DAMP = 1e-4  # retry damping when the configured one is 0
 
@@ -137,6 +137,14 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
     and dynamic groups). loss is f with the undamped Σ (and the target); notes record damping retries and the RTN
     fallback, which rounds W itself."""
     check_layer(W, sigma)
+    qw, notes = quantize(W, sigma, spec, options, target)
+    loss = layer_loss(W.float(), qw.dequantize(), sigma, target)  # undamped Σ
+    return SolveResult(qw, loss, [loss], notes)
+
+
+def quantize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: GPTQOptions,
+             target: Target | None = None) -> tuple[QuantizedWeight, list[str]]:
+    """`solve` without the loss (QuantEase starts from it and measures f its own way): the codes and the notes."""
     W_orig = W.float()
     q, p = W_orig.shape
     n_groups = spec.groups(p)
@@ -179,10 +187,7 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
         offset = shift_t.t().contiguous() if spec.float_offset else None
         grid = Grid(scale_t.t().contiguous(), zero_t.t().contiguous(), g_idx, spec.maxq, offset)
     # static groups: `grid` is the fitted one, unchanged
-    qw = QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec)
-    del codes
-    loss = layer_loss(W_orig, qw.dequantize(), sigma, target)  # undamped Σ
-    return SolveResult(qw, loss, [loss], [note] if note else [])
+    return QuantizedWeight.from_codes(codes.t()[:, torch.argsort(perm)], grid, spec), [note] if note else []
 
 
 @register_stacked("gptq")

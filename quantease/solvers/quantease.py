@@ -28,7 +28,8 @@ one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +37,7 @@ from ..errors import UsageError
 from . import cd_kernel
 from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
+from .gptq import quantize as gptq_quantize
 from .gptq import workspace as gptq_workspace
 from .grid import _MIN_SCALE, SCALE_DTYPE, Grid, GridSpec, fit_grid
 
@@ -102,30 +104,27 @@ def sweep_flops(q: int, p: int, block_size: int) -> float:
     return flops
 
 
-def _residual(Qt: torch.Tensor, Wt: torch.Tensor, Sigma: torch.Tensor, lam: float, Bt: torch.Tensor | None = None,
-              consts: tuple[float, ...] = (0.0,), segments: tuple[slice, ...] = (slice(None),)
-              ) -> tuple[torch.Tensor, list[float]]:
-    """Gᵀ = (Σ + λI)(Q - W)ᵀ - Bᵀ and, per segment of rows of Q (layers stacked on one Σ), the undamped
-    f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W, B = α W Δ (Bt None: the layer objective, Gᵀ = (Σ + λI) Dᵀ and
-    f = ⟨D, DΣ⟩). Each segment's f is summed over its own columns of Dᵀ, as a solve of that layer alone would."""
-    Dt = Qt - Wt  # [p, q]
-    Gt = Sigma @ Dt  # [p, q]
-    if Bt is not None:
-        Gt.sub_(Bt)
-    Gt.add_(Dt, alpha=lam)
-    return Gt, _losses(Qt, Gt, Wt, lam, Bt, consts, segments)
+def _residual(Q: torch.Tensor, W: torch.Tensor, Sigma: torch.Tensor, lam: float, B: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """G = (Q - W)(Σ + λI) - B [q, p], the residual of the (damped) objective; B = α W Δ of a propagated target."""
+    D = Q - W  # [q, p]
+    G = D @ Sigma
+    if B is not None:
+        G.sub_(B)
+    return G.add_(D, alpha=lam)
 
 
-def _losses(Qt: torch.Tensor, Gt: torch.Tensor, Wt: torch.Tensor, lam: float, Bt: torch.Tensor | None,
+def _losses(Q: torch.Tensor, G: torch.Tensor, W: torch.Tensor, lam: float, B: torch.Tensor | None,
             consts: tuple[float, ...], segments: tuple[slice, ...]) -> list[float]:
-    """Each segment's undamped f from the residual Gᵀ = (Σ + λI)Dᵀ - Bᵀ (see `_residual`): with ΣDᵀ = Gᵀ + Bᵀ - λDᵀ,
-    f = ⟨D, G⟩ - λ⟨D, D⟩ - ⟨D, B⟩ + const."""
-    Dt = Qt - Wt  # [p, q]
-    fs = [float((Dt[:, s] * Gt[:, s]).sum()) for s in segments]
+    """Each segment's (rows of Q: layers stacked on one Σ) undamped f(Q) = ⟨D, DΣ⟩ - 2⟨D, B⟩ + const, D = Q - W,
+    from the residual G = (Σ + λI)D - B (`_residual`): with DΣ = G + B - λD, f = ⟨D, G⟩ - λ⟨D, D⟩ - ⟨D, B⟩ + const.
+    Each segment's f is summed over its own rows, as a solve of that layer alone would."""
+    D = Q - W  # [q, p]
+    fs = [float((D[s] * G[s]).sum()) for s in segments]
     if lam:
-        fs = [f - lam * float(Dt[:, s].square().sum()) for f, s in zip(fs, segments)]
-    if Bt is not None:
-        fs = [f + c - float((Dt[:, s] * Bt[:, s]).sum()) for f, c, s in zip(fs, consts, segments)]
+        fs = [f - lam * float(D[s].square().sum()) for f, s in zip(fs, segments)]
+    if B is not None:
+        fs = [f + c - float((D[s] * B[s]).sum()) for f, c, s in zip(fs, consts, segments)]
     return fs
 
 
@@ -179,55 +178,75 @@ def _column_loop(Q1: torch.Tensor, D1: torch.Tensor, S1: torch.Tensor, G1: torch
         Q1[i] = new
 
 
+
 def cd_sweep(Q: torch.Tensor, T: torch.Tensor, sigma: torch.Tensor, grid: Grid, block_size: int = 128,
              damp: float = 0.0, shift: torch.Tensor | None = None) -> torch.Tensor:
     """One rounded CD sweep (natural order) of Q [q, p], on `grid`, toward the target T [q, p]: the QuantEase update
     for f(Q) = tr((Q - T) Σ (Q - T)ᵀ) - 2⟨Q, shift⟩ (shift = α W Δ of a propagated target, or None). Returns the new
     Q [q, p]; dead inputs keep their entries."""
-    Qt, Tt = Q.t().contiguous(), T.t().contiguous()  # [p, q]
     st, zt = (x.t().contiguous() for x in grid.columns())  # [p, q]
     ot = grid.column_shifts().t().contiguous()  # [p, q]
     d = torch.diagonal(sigma)
     lam = damp * float(d.mean())
     dinv = torch.where(d > _DEAD * d.mean().clamp(min=0), 1 / (d + lam), torch.zeros_like(d))
-    Gt, _ = _residual(Qt, Tt, sigma, lam, None if shift is None else shift.t().contiguous())
+    Gt = _residual(Q, T, sigma, lam, shift).t().contiguous()  # [p, q]
+    Qt = Q.t().contiguous()  # [p, q]
     _sweep(Qt, Gt, sigma, dinv, st, zt, ot, grid.maxq, block_size, relaxed=False, complete=False)
     return Qt.t()
 
 
 def refit_grid(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool,
                shift: torch.Tensor | None = None) -> Grid:
-    """The grid of least f for the codes of W_hat [q, p] (on `grid`), one group at a time (module docstring).
-
-    G = (Ŵ - W) Σ - shift [q, p] is kept exact after each group, so each step minimizes f given the others. A row's
-    new (s, z) is taken only where its change Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ is negative: the fp16 rounding of s can make
-    the step a loss once s is already (nearly) optimal, and then the row keeps its grid, so f never increases."""
-    codes = grid.quantize(W_hat)  # [q, p]
-    scale, zero = grid.scale.clone(), grid.zero.clone()  # [q, G]
+    """The grid of least f for the codes of W_hat [q, p] (on `grid`), one group at a time (module docstring)."""
     G = (W_hat - W) @ sigma  # [q, p]
     if shift is not None:
         G -= shift
+    return _refit(grid.quantize(W_hat), G, sigma, grid, sym)
+
+
+def _refit(codes: torch.Tensor, G: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool) -> Grid:
+    """`refit_grid` for the codes [q, p] given the residual G = (Ŵ - W) Σ - shift [q, p] of their Ŵ, which it
+    updates in place to the new Ŵ's. G is kept exact after each group, so each step minimizes f given the others.
+    A row's new (s, z) is taken only where its change Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ is negative: the fp16 rounding of
+    s can make the step a loss once s is already (nearly) optimal, and then the row keeps its grid, so f never
+    increases. With u = c_g - z and c = 1ᵀΣ[g, :], the change δ = (s' - s) u - s' (z' - z) 1 of Ŵ_g moves G by
+    (s' - s) u Σ[g, :] - s' (z' - z) c and f by per-row scalars of u, G_g, u Σ_gg and c: the groups' products
+    u Σ[g, :] add up to one [q, p] @ [p, p] matmul."""
+    scale, zero = grid.scale.clone(), grid.zero.clone()  # [q, G]
     fp16_max = torch.finfo(SCALE_DTYPE).max
     for g in range(scale.shape[1]):
         cols = torch.nonzero(grid.g_idx == g).flatten()  # [k]
-        S, Gg = sigma[cols][:, cols], G[:, cols]  # [k, k], [q, k]
+        if int(cols[-1] - cols[0]) + 1 == cols.numel():  # contiguous: views, not copies
+            cols = slice(int(cols[0]), int(cols[-1]) + 1)
+        rows = sigma[cols]  # [k, p] Σ[g, :]
+        c = rows.sum(0)  # [p]
+        Gg = G[:, cols]  # [q, k]
         s_old, z_old = scale[:, g], zero[:, g]  # [q]
         u = codes[:, cols] - z_old[:, None]  # [q, k]
-        uS = u @ S  # [q, k]
-        den = (uS * u).sum(1)  # [q]
-        s_new = s_old - (u * Gg).sum(1) / den.clamp(min=1e-30)  # [q] exact minimizer in s
+        one_group = rows.shape[0] == sigma.shape[0]
+        uS = u @ (rows if one_group else rows[:, cols])  # [q, k] u Σ_gg
+        den = torch.einsum("ij,ij->i", uS, u)  # [q]
+        uG = torch.einsum("ij,ij->i", u, Gg)  # [q]
+        s_new = s_old - uG / den.clamp(min=1e-30)  # [q] exact minimizer in s
         s_new = torch.where((den > 0) & (s_new > 0), s_new, s_old)  # a sign flip is never the least f here
         s_new = s_new.clamp(_MIN_SCALE, fp16_max).to(SCALE_DTYPE).float()
+        ds = s_new - s_old  # [q]
         z_new = z_old
-        a = float(S.sum())  # 1ᵀ Σ_gg 1, the same for every row
+        cg = c[cols]  # [k] 1ᵀ Σ_gg
+        a = float(cg.sum())  # 1ᵀ Σ_gg 1, the same for every row
+        G1, uS1 = Gg.sum(1), uS.sum(1)  # [q]
         if not sym and a > 0:
-            Gs = Gg + (s_new - s_old)[:, None] * uS  # [q, k] residual after the scale step
-            z_new = (z_old + Gs.sum(1) / (s_new * a)).round().clamp(0, grid.maxq)
-        delta = s_new[:, None] * (codes[:, cols] - z_new[:, None]) - s_old[:, None] * u  # [q, k] change of Ŵ_g
-        gain = 2 * (delta * Gg).sum(1) + ((delta @ S) * delta).sum(1)  # [q] Δf of each row
+            z_new = (z_old + (G1 + ds * uS1) / (s_new * a)).round().clamp(0, grid.maxq)  # G' = G after the s step
+        sz = s_new * (z_new - z_old)  # [q]
+        # Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ with δ = ds u - sz 1, expanded into the per-row scalars
+        gain = 2 * (ds * uG - sz * G1) + ds * ds * den - 2 * ds * sz * uS1 + sz * sz * a
         take = gain < 0
-        delta[~take] = 0
-        G += delta @ sigma[cols]
+        ds, sz = ds * take, sz * take
+        if one_group:
+            G.addcmul_(uS, ds[:, None])
+        else:
+            G.addmm_(u * ds[:, None], rows)
+        G.addr_(sz, c, alpha=-1)
         scale[:, g], zero[:, g] = torch.where(take, s_new, s_old), torch.where(take, z_new, z_old)
     return Grid(scale, zero, grid.g_idx, grid.maxq)
 
@@ -238,84 +257,115 @@ def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: Q
     if options.init == "w":
         return W.clone(), fit_grid(W, spec, torch.diagonal(sigma)), []
     gptq = GPTQOptions(options.gptq_damp, act_order=options.gptq_act_order, static_groups=options.gptq_static_groups)
-    res = get_solver("gptq").solve(W, sigma, spec, gptq, target)
-    return res.weight.dequantize(), res.weight.grid, list(res.notes)
+    qw, notes = gptq_quantize(W, sigma, spec, gptq, target)
+    return qw.dequantize(), qw.grid, notes
 
 
 @dataclass
 class _Best:
-    """A segment's least-f iterate so far: f, its rows of Qᵀ [p, q_s] and the stacked grid they lie on."""
+    """A segment's least-f iterate so far: f, its rows of Q [q_s, p] (working layout) and the stacked grid they lie
+    on."""
 
     f: float
-    Qt: torch.Tensor
+    Q: torch.Tensor
     grid: Grid
 
 
 class _Problem:
     """The CD problem of one layer, or of several layers stacked by rows on their shared Σ (`segments`: each layer's
-    rows), in the solver's working layout: columns permuted by `perm` (order="diag") and transposed, [p, q], so row j
-    of every tensor is column j of the layer; the grid travels with its columns. Rows never interact, so every
-    segment follows exactly the path it would alone; only the per-sweep bookkeeping (f, tol, keep-the-best) is per
-    segment."""
+    rows), with the columns permuted by `perm` (order="diag"; the grid's g_idx travels with them). Rows never
+    interact, so every segment follows exactly the path it would alone: a segment whose sweeps have stopped gaining
+    is frozen while the others go on, and the bookkeeping (f, tol, keep-the-best) is per segment.
+
+    Sweeps from an iterate on the grid run `cd_kernel.cd_sweep_rows` (CPU, kernel="auto"), which keeps G exact and
+    returns f; others (the first sweep from W, relaxed sweeps, kernel="plain", CUDA) run the blocked `_sweep` on
+    the transposed layout. G is computed once from the start and then kept exact by the sweeps and the refits."""
 
     def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None,
                  segments: list[slice]):
         d = torch.diagonal(Sigma)  # [p]
         self.perm = torch.argsort(d, descending=True) if options.order == "diag" else None
         self.inv = None if self.perm is None else torch.argsort(self.perm)
-        self.Wt = self.layout(W)  # [p, q]
+        self.W = self.layout(W)  # [q, p]
         self.Sigma, d = (Sigma, d) if self.perm is None else (Sigma[self.perm][:, self.perm], d[self.perm])
         self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
         self.lam = options.damp * float(d.mean())
         self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
-        self.Bt = None if target is None else self.layout(target.shift(W))  # [p, q]
+        self.B = None if target is None else self.layout(target.shift(W))  # [q, p]
         self.segments = tuple(segments)
         self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
         self.options = options
 
     def layout(self, X: torch.Tensor) -> torch.Tensor:
-        """[q, p] original order -> [p, q] working layout."""
-        return (X if self.perm is None else X[:, self.perm]).t().contiguous()
+        """[q, p] original column order -> working order."""
+        return X.contiguous() if self.perm is None else X[:, self.perm].contiguous()
 
-    def original(self, Xt: torch.Tensor) -> torch.Tensor:
-        return Xt.t().contiguous() if self.inv is None else Xt.t()[:, self.inv]
+    def original(self, X: torch.Tensor) -> torch.Tensor:
+        return X if self.inv is None else X[:, self.inv]
 
     def use_grid(self, grid: Grid) -> None:
+        """Sweep on `grid` (original column order) from now on."""
         self.grid = grid
-        self.st, self.zt = (x.t().contiguous() for x in grid.columns(self.perm))  # [p, q]
-        self.ot = grid.column_shifts(self.perm).t().contiguous()  # [p, q]
+        self.work_grid = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
+        self.columns: tuple[torch.Tensor, ...] | None = None  # the dense loop's [p, q] grid, made when needed
 
-    def on_grid(self, Xt: torch.Tensor) -> torch.Tensor:
-        return self.grid.nearest(Xt, self.st, self.zt) * self.st - self.ot
+    def on_grid(self, X: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The nearest grid points of the columns `cols` of X [q, p]."""
+        s, z = self.work_grid.columns(cols)  # [q, k]
+        return self.work_grid.nearest(X[:, cols], s, z) * s - self.work_grid.column_shifts(cols)
 
-    def residual(self, Qt: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        return _residual(Qt, self.Wt, self.Sigma, self.lam, self.Bt, self.consts, self.segments)
+    def residual(self, Q: torch.Tensor) -> torch.Tensor:
+        return _residual(Q, self.W, self.Sigma, self.lam, self.B)
 
-    def sweep(self, Qt: torch.Tensor, Gt: torch.Tensor, relaxed: bool = False) -> list[float]:
-        """One sweep in place (Gt kept the residual); each segment's new f."""
-        _sweep(Qt, Gt, self.Sigma, self.dinv, self.st, self.zt, self.ot, self.grid.maxq, self.options.block_size,
-               relaxed, self.options.kernel, self.lam)
-        return _losses(Qt, Gt, self.Wt, self.lam, self.Bt, self.consts, self.segments)
+    def losses(self, Q: torch.Tensor, G: torch.Tensor) -> list[float]:
+        return _losses(Q, G, self.W, self.lam, self.B, self.consts, self.segments)
 
-    def keep(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
-             active: list[bool]) -> None:
-        """Record each active segment's f and keep its rows when they are its best so far."""
+    def sweep(self, Q: torch.Tensor, G: torch.Tensor, active: list[bool], fs: list[float] | None,
+              relaxed: bool = False) -> list[float]:
+        """One sweep of the active segments' rows of Q in place (G kept the residual); each segment's new f (the
+        inactive ones' unchanged). fs: each segment's f on entry, None where Q is off the grid."""
+        if fs is not None and not relaxed and self.options.kernel == "auto" and cd_kernel.usable(Q, self.Sigma):
+            rows = torch.cat([torch.arange(s.start, s.stop) for s, a in zip(self.segments, active) if a])
+            g = self.work_grid
+            df = cd_kernel.cd_sweep_rows(Q, G, self.W, self.Sigma, self.dinv, g.scale, g.zero, g.shift, g.g_idx,
+                                         g.maxq, self.lam, rows)
+            return [f + math.fsum(df[s].tolist()) for f, s in zip(fs, self.segments)]  # any row offset
+        frozen = [(s, Q[s].clone(), G[s].clone()) for s, a in zip(self.segments, active) if not a]
+        if self.columns is None:
+            s, z = self.work_grid.columns()  # [q, p]
+            self.columns = (s.t().contiguous(), z.t().contiguous(), self.work_grid.column_shifts().t().contiguous())
+        Qt, Gt = Q.t().contiguous(), G.t().contiguous()  # [p, q]
+        _sweep(Qt, Gt, self.Sigma, self.dinv, *self.columns, self.grid.maxq, self.options.block_size, relaxed,
+               self.options.kernel, self.lam)
+        Q.copy_(Qt.t())
+        G.copy_(Gt.t())
+        for s, Qs, Gs in frozen:
+            Q[s], G[s] = Qs, Gs
+        return self.losses(Q, G)
+
+    def keep(self, Q: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
+             active: list[bool], fresh: list[bool]) -> None:
+        """Record each active segment's f and keep its rows when they are its best so far; fresh[k]: whether
+        segment k's best is its current rows."""
         for k, s in enumerate(self.segments):
             if active[k]:
                 histories[k].append(fs[k])
-                if fs[k] < bests[k].f:
-                    bests[k] = _Best(fs[k], Qt[:, s].clone(), self.grid)
+                fresh[k] = fs[k] < bests[k].f
+                if fresh[k] and bests[k].grid is self.grid:
+                    bests[k].f = fs[k]
+                    bests[k].Q.copy_(Q[s])  # no new buffer for each sweep
+                elif fresh[k]:
+                    bests[k] = _Best(fs[k], Q[s].clone(), self.grid)
 
-    def descend(self, Qt: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
-                first_from_w: bool = False) -> None:
-        """Rounded sweeps from the quantized Qt (whose f per segment is given; from W when first_from_w) until every
-        segment has had a sweep that gains less than tol · its f; each segment records f only until then."""
-        Gt, _ = self.residual(Qt)
+    def descend(self, Q: torch.Tensor, G: torch.Tensor, fs: list[float], bests: list[_Best],
+                histories: list[list[float]], fresh: list[bool], first_from_w: bool = False) -> None:
+        """Rounded sweeps from Q (whose residual is G, and f per segment fs; off the grid when first_from_w) until
+        every segment has had a sweep that gains less than tol · its f; each segment stops there."""
         prev: list[float | None] = [None if first_from_w else f for f in fs]
         active = [True] * len(self.segments)
-        for _ in range(self.options.sweeps):
-            fs = self.sweep(Qt, Gt)
-            self.keep(Qt, fs, bests, histories, active)
+        for i in range(self.options.sweeps):
+            fs = self.sweep(Q, G, active, None if i == 0 and first_from_w else fs)
+            self.keep(Q, fs, bests, histories, active, fresh)
             for k, f in enumerate(fs):
                 if active[k] and prev[k] is not None and prev[k] - f <= self.options.tol * prev[k]:
                     active[k] = False
@@ -323,17 +373,23 @@ class _Problem:
             if not any(active):
                 break
 
-    def refit(self, W: torch.Tensor, Sigma: torch.Tensor, bests: list[_Best], sym: bool, target: Target | None,
+    def refit(self, Q: torch.Tensor, G: torch.Tensor, bests: list[_Best], fresh: list[bool], sym: bool,
               histories: list[list[float]]) -> None:
-        """One refit round from every segment's best iterate, then CD sweeps on the new grid."""
-        W_hat = self.original(torch.cat([b.Qt for b in bests], dim=1))  # [q, p]
+        """One refit round from every segment's best iterate, then CD sweeps on the new grid. Q, G: the current
+        iterate and its residual, kept for the segments whose best is their current rows."""
+        for k, s in enumerate(self.segments):
+            if not fresh[k]:  # a segment's rows moved past its best: back to it, and its residual recomputed
+                Q[s] = bests[k].Q
+                G[s] = _residual(Q[s], self.W[s], self.Sigma, self.lam, None if self.B is None else self.B[s])
         grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
-        codes = grid.quantize(W_hat)  # exact: Ŵ lies on `grid`; the refit keeps these codes
-        self.use_grid(refit_grid(W, W_hat, Sigma, grid, sym, None if target is None else target.shift(W)))
-        Qt = self.layout(self.grid.dequantize(codes))  # f no larger than the best's (refit_grid's guard)
-        fs = self.residual(Qt)[1]
-        self.keep(Qt, fs, bests, histories, [True] * len(self.segments))
-        self.descend(Qt, fs, bests, histories)
+        work = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
+        codes = work.quantize(Q)  # exact: Q lies on the grid; the refit keeps these codes
+        new = _refit(codes, G, self.Sigma, work, sym)  # G becomes the residual of the codes on the new grid
+        self.use_grid(replace(new, g_idx=grid.g_idx))
+        Q.copy_(self.work_grid.dequantize(codes))  # f no larger than the best's (_refit's guard)
+        fs = self.losses(Q, G)
+        self.keep(Q, fs, bests, histories, [True] * len(self.segments), fresh)
+        self.descend(Q, G, fs, bests, histories, fresh)
 
 
 def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
@@ -384,25 +440,30 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     Q, grid, notes = _initialize(W, Sigma, spec, options, target)
     prob = _Problem(W, Sigma, options, target, segments)
     prob.use_grid(grid)
-    Qt = prob.layout(Q)
-    del Q
-    Qt[~prob.live] = prob.on_grid(Qt)[~prob.live]  # dead inputs: nearest grid point, never updated
-    start = prob.on_grid(Qt) if options.init == "w" else Qt.clone()  # the quantized iterate to beat
-    fs = prob.residual(start)[1]
-    histories = [[f] for f in fs]
-    bests = [_Best(f, start[:, s].clone(), grid) for f, s in zip(fs, segments)]
-    del start
+    Q = prob.layout(Q)  # [q, p] working order
+    dead = torch.nonzero(~prob.live).flatten()
+    Q[:, dead] = prob.on_grid(Q, dead)  # dead inputs: nearest grid point, never updated
     from_w = options.init == "w" or options.relax_sweeps > 0  # the first rounded sweep starts off the grid
-    if options.relax_sweeps:
-        Gt, _ = prob.residual(Qt)
-        for _ in range(options.relax_sweeps):
-            prob.sweep(Qt, Gt, relaxed=True)
-    prob.descend(Qt, fs, bests, histories, first_from_w=from_w)
+    if options.init == "w":  # the quantized iterate to beat is W's nearest grid point
+        start = prob.on_grid(Q, torch.arange(Q.shape[1]))
+        fs = prob.losses(start, prob.residual(start))
+    else:
+        start = Q
+    G = prob.residual(Q)  # [q, p], kept exact from here on
+    if options.init != "w":
+        fs = prob.losses(Q, G)
+    histories = [[f] for f in fs]
+    bests = [_Best(f, start[s].clone(), grid) for f, s in zip(fs, segments)]
+    fresh = [not from_w] * len(segments)  # whether each segment's best is its current rows
+    del start
+    for _ in range(options.relax_sweeps):
+        prob.sweep(Q, G, [True] * len(segments), None, relaxed=True)
+    prob.descend(Q, G, fs, bests, histories, fresh, first_from_w=from_w)
     for _ in range(0 if spec.gguf else options.refit):  # a GGUF grid keeps llama.cpp's own scale fit
-        prob.refit(W, Sigma, bests, spec.sym, target, histories)
+        prob.refit(Q, G, bests, fresh, spec.sym, histories)
 
-    finals = [(prob.original(b.Qt), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
-    del prob, Qt, bests  # the working layout ([p, q] W, iterates, grid columns) before the losses are measured
+    finals = [(prob.original(b.Q), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
+    del prob, Q, G, bests  # the working set (W, iterates, residual, grid columns) before the losses are measured
     results = []
     for w, (W_hat, grid), history in zip(Ws, finals, histories):
         qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
