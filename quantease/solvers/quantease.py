@@ -10,7 +10,11 @@ the changes of the block's earlier columns (one matvec), and after the block the
 G[:, i2:] += Δ Σ[i1:i2, i2:] as one matmul. After the sweep each block adds the changes of itself and the later
 blocks, G[:, i1:i2] += Δ[:, i1:] Σ[i1:, i1:i2], so G is the new iterate's residual (and f = ⟨D, G⟩ up to the
 target's terms) without recomputing (Ŵ - W) Σ: a sweep costs q·p² multiply-adds for G, as one [q, p] @ [p, p]
-matmul does, plus about q·p·B/2 in the column loops. G is recomputed from scratch at the start of each descent.
+matmul does, plus about q·p·B/2 in the column loops. That is the sweep from an iterate off the grid (the first from
+W, relaxed sweeps) and the reference. A sweep from an iterate on the grid changes only 0.1-1.5% of its entries, so
+on the CPU it runs `cd_kernel.cd_sweep_rows` instead: row by row, each change δ at column j adds δ Σ_j to the row's
+G at once (contiguous), so G stays exact with about p multiply-adds per change instead of q·p² per sweep. G is
+computed once, from the start, and kept exact by every sweep and refit after it.
 A relaxed sweep replaces q_j by clamping to the grid's range (the original code, linkedin/QuantEase, makes every
 third of its sweeps unrounded and unclamped). Damping (ridge λI) changes only the solve; f is always undamped.
 
@@ -22,7 +26,8 @@ s and zero z (Ŵ_g = s (c_g - z)). Group by group, with the residual G kept exac
     s ← s + t,   t = -⟨u, G_g⟩ / (u Σ_gg uᵀ),   u = c_g - z          (then rounded to fp16, as stored)
     z ← clamp(round(z + τ), 0, 2^b - 1),   τ = Σ_j G'_gj / (s 1ᵀ Σ_gg 1)   (G' after the scale step; asymmetric only)
 per row at once: z stays an integer (the formats store integer zero points), and for a convex quadratic in one
-variable the nearest integer to the minimizer is the best integer. Each refit is followed by CD sweeps on the new
+variable the nearest integer to the minimizer is the best integer. G follows each group's step as a rank-one-per-row
+update, so a refit round costs one [q, p] @ [p, p] matmul in all (`_refit`). Each refit is followed by CD sweeps on the new
 grid; the iterate of least f over all rounds is returned. GGUF grids (float offsets, K-quant sub-block scales under
 one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 """
@@ -393,11 +398,12 @@ class _Problem:
 
 
 def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
-    """The larger of the GPTQ initialization's and the CD sweeps' working set: ten and a half [q, p] fp32 (Wᵀ, the
-    grid's scale and zero columns, the iterate, the best one, the residual G, the sweep's change and D for f,
-    measured on the CPU); a propagated target adds its shift [q, p], outliers the dense H and gradient."""
+    """The larger of the GPTQ initialization's and the CD sweeps' working set: twelve [q, p] fp32 where a sweep runs
+    the blocked loop (W, the iterate, its residual G and the best one; the iterate's and G's [p, q] copies, the
+    sweep's change and the grid's three [p, q] columns; D and a product for f), counted; sweeps from the grid and
+    the refits need about eight. A propagated target adds its shift [q, p], outliers the dense H and gradient."""
     init = gptq_workspace(q, p, GPTQOptions(), target) if options.init == "gptq" else 0
-    cd = 42 * q * p + (4 * q * p if target else 0)
+    cd = 48 * q * p + (4 * q * p if target else 0)
     return max(init, cd) + (8 * q * p if options.outliers > 0 else 0)
 
 
