@@ -209,14 +209,16 @@ def refit_grid(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, grid: 
     return _refit(grid.quantize(W_hat), G, sigma, grid, sym)
 
 
-def _refit(codes: torch.Tensor, G: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool) -> Grid:
+def _refit(codes: torch.Tensor, G: torch.Tensor, sigma: torch.Tensor, grid: Grid, sym: bool,
+           QS: torch.Tensor | None = None) -> Grid:
     """`refit_grid` for the codes [q, p] given the residual G = (Ŵ - W) Σ - shift [q, p] of their Ŵ, which it
     updates in place to the new Ŵ's. G is kept exact after each group, so each step minimizes f given the others.
     A row's new (s, z) is taken only where its change Δf = 2⟨δ, G_g⟩ + δ Σ_gg δᵀ is negative: the fp16 rounding of
     s can make the step a loss once s is already (nearly) optimal, and then the row keeps its grid, so f never
     increases. With u = c_g - z and c = 1ᵀΣ[g, :], the change δ = (s' - s) u - s' (z' - z) 1 of Ŵ_g moves G by
     (s' - s) u Σ[g, :] - s' (z' - z) c and f by per-row scalars of u, G_g, u Σ_gg and c: the groups' products
-    u Σ[g, :] add up to one [q, p] @ [p, p] matmul."""
+    u Σ[g, :] add up to one [q, p] @ [p, p] matmul. With one group per row (per channel) and QS = Ŵ Σ given, it is
+    none: u = Ŵ / s row by row, exactly (s (c - z) is exact in fp32), so u Σ = QS / s."""
     scale, zero = grid.scale.clone(), grid.zero.clone()  # [q, G]
     fp16_max = torch.finfo(SCALE_DTYPE).max
     for g in range(scale.shape[1]):
@@ -229,7 +231,10 @@ def _refit(codes: torch.Tensor, G: torch.Tensor, sigma: torch.Tensor, grid: Grid
         s_old, z_old = scale[:, g], zero[:, g]  # [q]
         u = codes[:, cols] - z_old[:, None]  # [q, k]
         one_group = rows.shape[0] == sigma.shape[0]
-        uS = u @ (rows if one_group else rows[:, cols])  # [q, k] u Σ_gg
+        if one_group and QS is not None:
+            uS = QS / s_old[:, None]  # [q, p] u Σ
+        else:
+            uS = u @ (rows if one_group else rows[:, cols])  # [q, k] u Σ_gg
         den = torch.einsum("ij,ij->i", uS, u)  # [q]
         uG = torch.einsum("ij,ij->i", u, Gg)  # [q]
         s_new = s_old - uG / den.clamp(min=1e-30)  # [q] exact minimizer in s
@@ -300,6 +305,7 @@ class _Problem:
         self.segments = tuple(segments)
         self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
         self.options = options
+        self.WS: torch.Tensor | None = None  # W Σ [q, p], made by the first per-channel refit
 
     def layout(self, X: torch.Tensor) -> torch.Tensor:
         """[q, p] original column order -> working order."""
@@ -389,7 +395,15 @@ class _Problem:
         grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
         work = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
         codes = work.quantize(Q)  # exact: Q lies on the grid; the refit keeps these codes
-        new = _refit(codes, G, self.Sigma, work, sym)  # G becomes the residual of the codes on the new grid
+        QS = None
+        if grid.scale.shape[1] == 1:  # per channel: Q Σ = G + B + W Σ - λ(Q - W), with W Σ once for all rounds
+            if self.WS is None:
+                self.WS = self.W @ self.Sigma  # [q, p]
+            QS = (G + self.WS).sub_(Q - self.W, alpha=self.lam)
+            if self.B is not None:
+                QS += self.B
+        new = _refit(codes, G, self.Sigma, work, sym, QS)  # G becomes the residual of the codes on the new grid
+        del QS
         self.use_grid(replace(new, g_idx=grid.g_idx))
         Q.copy_(self.work_grid.dequantize(codes))  # f no larger than the best's (_refit's guard)
         fs = self.losses(Q, G)
