@@ -244,14 +244,18 @@ def quadratic(A: torch.Tensor, S: torch.Tensor) -> float:
                for j in range(0, S.shape[1], _SLAB))
 
 
-def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target: Target | None = None,
+               shift: torch.Tensor | None = None, constant: float | None = None) -> float:
     """f(Ŵ) = tr(E Σ Eᵀ), E = Ŵ - W, accumulated in fp64 for a faithful report; with a propagated target,
-    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ) = ||W X_α - Ŵ X||² / N."""
+    f(Ŵ) = tr(E Σ Eᵀ) - 2α ⟨E, W Δ⟩ + α² tr(W Σ_d Wᵀ) = ||W X_α - Ŵ X||² / N. shift and constant: the target's
+    target.shift(W) and target.constant(W), where the caller already has them (each costs a [q, p] @ [p, p])."""
     E = W_hat - W
     f = quadratic(E, sigma)
     if target is None:
         return f
-    return f - 2 * float((E.double() * target.shift(W).double()).sum()) + target.constant(W)
+    shift = target.shift(W) if shift is None else shift
+    constant = target.constant(W) if constant is None else constant
+    return f - 2 * float((E.double() * shift.double()).sum()) + constant
 
 
 def output_energy(W: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:

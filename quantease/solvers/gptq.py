@@ -143,8 +143,9 @@ def solve(W: torch.Tensor, sigma: torch.Tensor | None, spec: GridSpec, options: 
 
 
 def quantize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: GPTQOptions,
-             target: Target | None = None) -> tuple[QuantizedWeight, list[str]]:
-    """`solve` without the loss (QuantEase starts from it and measures f its own way): the codes and the notes."""
+             target: Target | None = None, shift: torch.Tensor | None = None) -> tuple[QuantizedWeight, list[str]]:
+    """`solve` without the loss (QuantEase starts from it and measures f its own way): the codes and the notes.
+    shift: target.shift(W), where the caller already has it."""
     W_orig = W.float()
     q, p = W_orig.shape
     n_groups = spec.groups(p)
@@ -174,7 +175,7 @@ def quantize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: GPTQ
     if U is None:
         U = torch.eye(p, device=Wp.device)
     elif target is not None:  # W̃ = W + α W Δ H⁻¹, H⁻¹ = UᵀU
-        Wp = Wp + (target.shift(W_orig)[:, perm] @ U.t()) @ U
+        Wp = Wp + ((target.shift(W_orig) if shift is None else shift)[:, perm] @ U.t()) @ U
     B = _block_width(options.block_size, spec.group_size if dynamic else None)
     Wt = Wp.t().contiguous()  # [p, q]
     del Wp

@@ -262,12 +262,12 @@ def _refit(codes: torch.Tensor, G: torch.Tensor, sigma: torch.Tensor, grid: Grid
 
 
 def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: QuantEaseOptions,
-                target: Target | None) -> tuple[torch.Tensor, Grid, list[str]]:
-    """Starting Ŵ, the grid CD keeps fixed, and notes from the initialization."""
+                target: Target | None, shift: torch.Tensor | None) -> tuple[torch.Tensor, Grid, list[str]]:
+    """Starting Ŵ, the grid CD keeps fixed, and notes from the initialization (shift: the target's α W Δ)."""
     if options.init == "w":
         return W.clone(), fit_grid(W, spec, torch.diagonal(sigma)), []
     gptq = GPTQOptions(options.gptq_damp, act_order=options.gptq_act_order, static_groups=options.gptq_static_groups)
-    qw, notes = gptq_quantize(W, sigma, spec, gptq, target)
+    qw, notes = gptq_quantize(W, sigma, spec, gptq, target, shift)
     return qw.dequantize(), qw.grid, notes
 
 
@@ -291,8 +291,8 @@ class _Problem:
     returns f; others (the first sweep from W, relaxed sweeps, kernel="plain", CUDA) run the blocked `_sweep` on
     the transposed layout. G is computed once from the start and then kept exact by the sweeps and the refits."""
 
-    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, target: Target | None,
-                 segments: list[slice]):
+    def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, shift: torch.Tensor | None,
+                 consts: list[float], segments: list[slice]):
         d = torch.diagonal(Sigma)  # [p]
         self.perm = torch.argsort(d, descending=True) if options.order == "diag" else None
         self.inv = None if self.perm is None else torch.argsort(self.perm)
@@ -301,9 +301,9 @@ class _Problem:
         self.live = d > _DEAD * d.mean().clamp(min=0)  # [p]
         self.lam = options.damp * float(d.mean())
         self.dinv = torch.where(self.live, 1 / (d + self.lam), torch.zeros_like(d))  # [p]
-        self.B = None if target is None else self.layout(target.shift(W))  # [q, p]
+        self.B = None if shift is None else self.layout(shift)  # [q, p]
         self.segments = tuple(segments)
-        self.consts = tuple(0.0 if target is None else target.constant(W[s]) for s in segments)
+        self.consts = tuple(consts)
         self.options = options
         self.WS: torch.Tensor | None = None  # W Σ [q, p], made by the first per-channel refit
 
@@ -457,8 +457,10 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     W, Sigma = torch.cat([w.float() for w in Ws]), sigma.float()  # [q, p] every layer's rows
     ends = torch.tensor([w.shape[0] for w in Ws]).cumsum(0).tolist()
     segments = [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
-    Q, grid, notes = _initialize(W, Sigma, spec, options, target)
-    prob = _Problem(W, Sigma, options, target, segments)
+    shift = None if target is None else target.shift(W)  # [q, p] α W Δ, once for the start, the sweeps and f
+    consts = [0.0 if target is None else target.constant(W[s]) for s in segments]
+    Q, grid, notes = _initialize(W, Sigma, spec, options, target, shift)
+    prob = _Problem(W, Sigma, options, shift, consts, segments)
     prob.use_grid(grid)
     Q = prob.layout(Q)  # [q, p] working order
     dead = torch.nonzero(~prob.live).flatten()
@@ -485,8 +487,9 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     finals = [(prob.original(b.Q), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
     del prob, Q, G, bests  # the working set (W, iterates, residual, grid columns) before the losses are measured
     results = []
-    for w, (W_hat, grid), history in zip(Ws, finals, histories):
+    for w, s, c, (W_hat, grid), history in zip(Ws, segments, consts, finals, histories):
         qw = QuantizedWeight.from_codes(grid.quantize(W_hat), grid, spec)
         assert torch.equal(qw.dequantize(), W_hat), "iterate left the grid"
-        results.append(SolveResult(qw, layer_loss(w.float(), W_hat, sigma, target), history, list(notes)))
+        loss = layer_loss(w.float(), W_hat, sigma, target, None if shift is None else shift[s], c)
+        results.append(SolveResult(qw, loss, history, list(notes)))
     return results
