@@ -138,8 +138,11 @@ def _scan_row(q: np.ndarray, g: np.ndarray, w: np.ndarray, S: np.ndarray, dinv: 
                 j = e
                 continue
             k = j
-            while new[k - j] == q[k]:
+            while k < e and new[k - j] == q[k]:
                 k += 1
+            if k == e:  # only where a NaN entered: the flag and the comparison disagree
+                j = e
+                continue
             d = new[k - j] - q[k]
             df += float(d) * (2.0 * (float(g[k]) - lam * float(q[k] - w[k])) + float(d) * float(S[k, k]))
             q[k] = new[k - j]
