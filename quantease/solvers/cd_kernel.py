@@ -156,10 +156,10 @@ def _scan_row(q: np.ndarray, g: np.ndarray, w: np.ndarray, S: np.ndarray, dinv: 
 @numba.njit(cache=True, boundscheck=False)
 def _sweep_rows(Q: np.ndarray, G: np.ndarray, W: np.ndarray, S: np.ndarray, dinv: np.ndarray, runs: np.ndarray,
                 groups: np.ndarray, s: np.ndarray, z: np.ndarray, o: np.ndarray, maxq: float, lam: float,
-                rows: np.ndarray, df: np.ndarray, first: int, step: int) -> None:  # pragma: no cover (compiled)
-    """_scan_row on rows[first::step]."""
+                rows: np.ndarray, df: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """_scan_row on each of `rows`."""
     new = np.empty(_CHUNK, np.float32)
-    for i in range(first, rows.shape[0], step):
+    for i in range(rows.shape[0]):
         r = rows[i]
         df[r] = _scan_row(Q[r], G[r], W[r], S, dinv, runs, groups, s[r], z[r], o[r], maxq, lam, new)
 
@@ -169,9 +169,12 @@ def _sweep_rows_parallel(Q: np.ndarray, G: np.ndarray, W: np.ndarray, S: np.ndar
                          runs: np.ndarray, groups: np.ndarray, s: np.ndarray, z: np.ndarray, o: np.ndarray,
                          maxq: float, lam: float, rows: np.ndarray, df: np.ndarray, threads: int
                          ) -> None:  # pragma: no cover (compiled)
-    """_sweep_rows with the rows dealt round-robin to `threads` threads (a layer's costly rows may be adjacent)."""
+    """_sweep_rows with the rows split into `threads` contiguous slices (measured 2x faster on 2 threads than rows
+    dealt round-robin, which scaled not at all)."""
+    n = rows.shape[0]
     for t in numba.prange(threads):
-        _sweep_rows(Q, G, W, S, dinv, runs, groups, s, z, o, maxq, lam, rows, df, t, threads)
+        mine = rows[t * n // threads:(t + 1) * n // threads]
+        _sweep_rows(Q, G, W, S, dinv, runs, groups, s, z, o, maxq, lam, mine, df)
 
 
 def cd_sweep_rows(Q: torch.Tensor, G: torch.Tensor, W: torch.Tensor, Sigma: torch.Tensor, dinv: torch.Tensor,
@@ -190,7 +193,7 @@ def cd_sweep_rows(Q: torch.Tensor, G: torch.Tensor, W: torch.Tensor, Sigma: torc
             np.float32(maxq), np.float32(lam), rows.numpy().astype(np.int64), df)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if rows.numel() < 64 * threads:  # never start numba's pool for a small problem (see cd_block)
-        _sweep_rows(*args, 0, 1)
+        _sweep_rows(*args)
     else:
         numba.set_num_threads(threads)
         _sweep_rows_parallel(*args, threads)
