@@ -4,7 +4,8 @@
 quantizes the same (W, Σ). Relative error = tr(DΣDᵀ) / tr(WΣWᵀ), D = Ŵ - W (lower is better). A second table
 gives the time of one QuantEase sweep, its GFLOP/s counted as the dense blocked sweep's flops (`sweep_flops`; a
 sweep from an iterate on the grid does work only where an entry changes, so it can exceed the matmul's) and a plain
-matmul of the same shapes for reference, on the problems the pipeline solves (layers that read one input stacked by rows: q/k/v, gate/up).
+matmul of the same shapes for reference, on the problems the pipeline solves (layers that read one input stacked
+by rows: q/k/v, gate/up).
 "GPTQ" is the paper's GPTQ (natural order) that the ratios are relative to; "GPTQ act" is act-order GPTQ with
 static groups, GPTQ's default and the initialization QuantEase uses by default; "relax 1 + 3" and
 "diag 3" change one option of the default and run 3 rounded sweeps; "sweeps" is how many the default ran.
@@ -177,8 +178,8 @@ def bench_problem(W: torch.Tensor, S: torch.Tensor, spec: GridSpec, sweeps: list
 
 
 def bench_speed(W: torch.Tensor, S: torch.Tensor, block_size: int = 128, repeats: int = 3) -> dict[str, Any]:
-    """One CD sweep, through the public solver API (the difference of runs of 6 and 2 sweeps from W, tol=0; None
-    where it is below the timing noise, as when the sweeps after the second change nothing), with
+    """One CD sweep, through the public solver API (the difference of runs of 6 and 2 sweeps from W, tol=0;
+    None where it is below the timing noise, as when the sweeps after the second change nothing), with
     the compiled and the plain column loop, against one [q, p] @ [p, p] matmul (W @ Σ); and the default QuantEase
     solve, and the paper's (refit=0), against GPTQ's default. refit=0 in the sweep runs: each refit round adds sweeps."""
     q, p = W.shape

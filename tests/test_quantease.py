@@ -253,11 +253,12 @@ def test_compiled_column_loop_gives_the_same_bits_on_any_number_of_threads():
 
 
 @pytest.mark.parametrize("group_size", [-1, 16])
-def test_sweep_from_the_grid_keeps_the_residual_exact_and_reports_the_change_of_f(group_size):
+@pytest.mark.parametrize("damp", [0.0, 0.05])
+def test_sweep_from_the_grid_keeps_the_residual_exact_and_reports_the_change_of_f(group_size, damp):
     """cd_kernel.cd_sweep_rows (sweeps from an iterate on the grid) against the plain column loop from the same
-    start, with damping and a propagated target's B: the same codes up to float ties, G on exit equal to the
-    recomputed residual, the returned per-row change of the undamped f equal to the measured one, rows left out
-    untouched, and the same bits on any number of threads."""
+    start, with a propagated target's B: the same codes up to float ties, G on exit equal to the recomputed
+    residual, the returned per-row change of the undamped f equal to the measured one (never positive without
+    damping), rows left out untouched, and the same bits on any number of threads."""
     from quantease.solvers import cd_kernel
     from quantease.solvers.quantease import _losses, _residual, _sweep
 
@@ -268,7 +269,7 @@ def test_sweep_from_the_grid_keeps_the_residual_exact_and_reports_the_change_of_
     grid, Q0 = init.weight.grid, init.weight.dequantize()
     B = 0.01 * torch.randn(W.shape, generator=torch.Generator().manual_seed(0))  # a target's α W Δ
     d = torch.diagonal(S)
-    lam = 0.05 * float(d.mean())
+    lam = damp * float(d.mean())
     dinv = torch.where(d > 0, 1 / (d + lam), torch.zeros_like(d))
     G0 = _residual(Q0, W, S, lam, B)
     rows = torch.arange(0, 300, 3)  # every third row
@@ -301,3 +302,5 @@ def test_sweep_from_the_grid_keeps_the_residual_exact_and_reports_the_change_of_
     f_before, f_after = (_losses(X.double(), _residual(X.double(), W.double(), S.double(), lam, B.double()),
                                  W.double(), lam, B.double(), (0.0,), (slice(None),))[0] for X in (Q0, Q))
     assert float(df.sum()) == pytest.approx(f_after - f_before, rel=1e-4, abs=1e-6 * f_before)
+    if not damp:
+        assert (df <= 0).all() and f_after < f_before

@@ -118,7 +118,8 @@ def _scan_row(q: np.ndarray, g: np.ndarray, w: np.ndarray, S: np.ndarray, dinv: 
               new: np.ndarray) -> float:  # pragma: no cover (compiled)
     """One row's sweep in place: q, g, w [p] its iterate, residual and W; columns runs[a]:runs[a + 1] lie in group
     groups[a] (s, z, o [G] the row's grid). Returns the change of the row's undamped f, in fp64: a change δ at j
-    moves f by δ (2 (g_j - λ D_j) + δ Σ_jj), D = q - w before it (g - λD is the undamped residual)."""
+    moves f by δ (2 (g_j - λ D_j) + δ Σ_jj), D = q - w before it (g - λD is the undamped residual). Without damping
+    a change that would not lower f (a tie, up to float rounding) is not taken, so f never increases."""
     p = q.shape[0]
     df = 0.0
     for a in range(runs.shape[0] - 1):
@@ -143,13 +144,17 @@ def _scan_row(q: np.ndarray, g: np.ndarray, w: np.ndarray, S: np.ndarray, dinv: 
             if k == e:  # only where a NaN entered: the flag and the comparison disagree
                 j = e
                 continue
-            d = new[k - j] - q[k]
-            df += float(d) * (2.0 * (float(g[k]) - lam * float(q[k] - w[k])) + float(d) * float(S[k, k]))
-            q[k] = new[k - j]
+            v = new[k - j]
+            j = k + 1
+            d = v - q[k]
+            dfk = float(d) * (2.0 * (float(g[k]) - lam * float(q[k] - w[k])) + float(d) * float(S[k, k]))
+            if lam == 0 and dfk >= 0:  # a float tie of the rounding: staying is as good, and f never increases
+                continue
+            df += dfk
+            q[k] = v
             for m in range(p):
                 g[m] += d * S[k, m]
             g[k] += lam * d
-            j = k + 1
     return df
 
 

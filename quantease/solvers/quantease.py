@@ -27,9 +27,9 @@ s and zero z (Ŵ_g = s (c_g - z)). Group by group, with the residual G kept exac
     z ← clamp(round(z + τ), 0, 2^b - 1),   τ = Σ_j G'_gj / (s 1ᵀ Σ_gg 1)   (G' after the scale step; asymmetric only)
 per row at once: z stays an integer (the formats store integer zero points), and for a convex quadratic in one
 variable the nearest integer to the minimizer is the best integer. G follows each group's step as a rank-one-per-row
-update, so a refit round costs one [q, p] @ [p, p] matmul in all (`_refit`). Each refit is followed by CD sweeps on the new
-grid; the iterate of least f over all rounds is returned. GGUF grids (float offsets, K-quant sub-block scales under
-one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
+update, so a refit round costs one [q, p] @ [p, p] matmul in all (`_refit`). Each refit is followed by CD sweeps on
+the new grid; the iterate of least f over all rounds is returned. GGUF grids (float offsets, K-quant sub-block
+scales under one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 """
 from __future__ import annotations
 
@@ -273,12 +273,13 @@ def _initialize(W: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: Q
 
 @dataclass
 class _Best:
-    """A segment's least-f iterate so far: f, its rows of Q [q_s, p] (working layout) and the stacked grid they lie
-    on."""
+    """A segment's least-f iterate so far: f, the stacked grid it lies on and, unless `current` (the segment's rows of
+    the iterate are it), its rows [q_s, p] in the working layout."""
 
     f: float
-    Q: torch.Tensor
+    Q: torch.Tensor | None
     grid: Grid
+    current: bool = False
 
 
 class _Problem:
@@ -332,10 +333,15 @@ class _Problem:
         return _losses(Q, G, self.W, self.lam, self.B, self.consts, self.segments)
 
     def sweep(self, Q: torch.Tensor, G: torch.Tensor, active: list[bool], fs: list[float] | None,
-              relaxed: bool = False) -> list[float]:
+              bests: list[_Best], relaxed: bool = False) -> list[float]:
         """One sweep of the active segments' rows of Q in place (G kept the residual); each segment's new f (the
-        inactive ones' unchanged). fs: each segment's f on entry, None where Q is off the grid."""
-        if fs is not None and not relaxed and self.options.kernel == "auto" and cd_kernel.usable(Q, self.Sigma):
+        inactive ones' unchanged). fs: each segment's f on entry, None where Q is off the grid. A sweep from the grid
+        without damping never increases f (cd_kernel takes no change that does not lower it), so only the others
+        first save the best rows they may leave."""
+        sparse = fs is not None and not relaxed and self.options.kernel == "auto" and cd_kernel.usable(Q, self.Sigma)
+        if not (sparse and self.lam == 0):
+            self.save(Q, bests)
+        if sparse:
             rows = torch.cat([torch.arange(s.start, s.stop) for s, a in zip(self.segments, active) if a])
             g = self.work_grid
             df = cd_kernel.cd_sweep_rows(Q, G, self.W, self.Sigma, self.dinv, g.scale, g.zero, g.shift, g.g_idx,
@@ -354,29 +360,33 @@ class _Problem:
             Q[s], G[s] = Qs, Gs
         return self.losses(Q, G)
 
-    def keep(self, Q: torch.Tensor, fs: list[float], bests: list[_Best], histories: list[list[float]],
-             active: list[bool], fresh: list[bool]) -> None:
-        """Record each active segment's f and keep its rows when they are its best so far; fresh[k]: whether
-        segment k's best is its current rows."""
-        for k, s in enumerate(self.segments):
+    def keep(self, fs: list[float], bests: list[_Best], histories: list[list[float]], active: list[bool]) -> None:
+        """Record each active segment's f; where it is the segment's best so far, its current rows become the best."""
+        for k, best in enumerate(bests):
             if active[k]:
                 histories[k].append(fs[k])
-                fresh[k] = fs[k] < bests[k].f
-                if fresh[k] and bests[k].grid is self.grid:
-                    bests[k].f = fs[k]
-                    bests[k].Q.copy_(Q[s])  # no new buffer for each sweep
-                elif fresh[k]:
-                    bests[k] = _Best(fs[k], Q[s].clone(), self.grid)
+                if fs[k] < best.f:
+                    best.f, best.grid, best.current = fs[k], self.grid, True
+
+    def save(self, Q: torch.Tensor, bests: list[_Best]) -> None:
+        """Copy out the best rows that are the current ones, before Q leaves them."""
+        for best, s in zip(bests, self.segments):
+            if best.current:
+                if best.Q is not None and best.Q.shape == Q[s].shape:
+                    best.Q.copy_(Q[s])
+                else:
+                    best.Q = Q[s].clone()
+                best.current = False
 
     def descend(self, Q: torch.Tensor, G: torch.Tensor, fs: list[float], bests: list[_Best],
-                histories: list[list[float]], fresh: list[bool], first_from_w: bool = False) -> None:
+                histories: list[list[float]], first_from_w: bool = False) -> None:
         """Rounded sweeps from Q (whose residual is G, and f per segment fs; off the grid when first_from_w) until
         every segment has had a sweep that gains less than tol · its f; each segment stops there."""
         prev: list[float | None] = [None if first_from_w else f for f in fs]
         active = [True] * len(self.segments)
         for i in range(self.options.sweeps):
-            fs = self.sweep(Q, G, active, None if i == 0 and first_from_w else fs)
-            self.keep(Q, fs, bests, histories, active, fresh)
+            fs = self.sweep(Q, G, active, None if i == 0 and first_from_w else fs, bests)
+            self.keep(fs, bests, histories, active)
             for k, f in enumerate(fs):
                 if active[k] and prev[k] is not None and prev[k] - f <= self.options.tol * prev[k]:
                     active[k] = False
@@ -384,13 +394,13 @@ class _Problem:
             if not any(active):
                 break
 
-    def refit(self, Q: torch.Tensor, G: torch.Tensor, bests: list[_Best], fresh: list[bool], sym: bool,
+    def refit(self, Q: torch.Tensor, G: torch.Tensor, bests: list[_Best], sym: bool,
               histories: list[list[float]]) -> None:
         """One refit round from every segment's best iterate, then CD sweeps on the new grid. Q, G: the current
         iterate and its residual, kept for the segments whose best is their current rows."""
-        for k, s in enumerate(self.segments):
-            if not fresh[k]:  # a segment's rows moved past its best: back to it, and its residual recomputed
-                Q[s] = bests[k].Q
+        for best, s in zip(bests, self.segments):
+            if not best.current:  # a segment's rows moved past its best: back to it, and its residual recomputed
+                Q[s] = best.Q
                 G[s] = _residual(Q[s], self.W[s], self.Sigma, self.lam, None if self.B is None else self.B[s])
         grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
         work = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
@@ -405,10 +415,11 @@ class _Problem:
         new = _refit(codes, G, self.Sigma, work, sym, QS)  # G becomes the residual of the codes on the new grid
         del QS
         self.use_grid(replace(new, g_idx=grid.g_idx))
+        self.save(Q, bests)
         Q.copy_(self.work_grid.dequantize(codes))  # f no larger than the best's (_refit's guard)
         fs = self.losses(Q, G)
-        self.keep(Q, fs, bests, histories, [True] * len(self.segments), fresh)
-        self.descend(Q, G, fs, bests, histories, fresh)
+        self.keep(fs, bests, histories, [True] * len(self.segments))
+        self.descend(Q, G, fs, bests, histories)
 
 
 def workspace(q: int, p: int, options: QuantEaseOptions, target: bool) -> int:
@@ -475,16 +486,17 @@ def _solve(Ws: list[torch.Tensor], sigma: torch.Tensor, spec: GridSpec, options:
     if options.init != "w":
         fs = prob.losses(Q, G)
     histories = [[f] for f in fs]
-    bests = [_Best(f, start[s].clone(), grid) for f, s in zip(fs, segments)]
-    fresh = [not from_w] * len(segments)  # whether each segment's best is its current rows
+    bests = [_Best(f, None, grid, current=True) if start is Q else _Best(f, start[s].clone(), grid)
+             for f, s in zip(fs, segments)]
     del start
     for _ in range(options.relax_sweeps):
-        prob.sweep(Q, G, [True] * len(segments), None, relaxed=True)
-    prob.descend(Q, G, fs, bests, histories, fresh, first_from_w=from_w)
+        prob.sweep(Q, G, [True] * len(segments), None, bests, relaxed=True)
+    prob.descend(Q, G, fs, bests, histories, first_from_w=from_w)
     for _ in range(0 if spec.gguf else options.refit):  # a GGUF grid keeps llama.cpp's own scale fit
-        prob.refit(Q, G, bests, fresh, spec.sym, histories)
+        prob.refit(Q, G, bests, spec.sym, histories)
 
-    finals = [(prob.original(b.Q), b.grid.rows(s)) for b, s in zip(bests, segments)]  # [q_s, p] original order
+    finals = [(prob.original(Q[s] if b.current else b.Q), b.grid.rows(s))  # [q_s, p] original order
+              for b, s in zip(bests, segments)]
     del prob, Q, G, bests  # the working set (W, iterates, residual, grid columns) before the losses are measured
     results = []
     for w, s, c, (W_hat, grid), history in zip(Ws, segments, consts, finals, histories):
