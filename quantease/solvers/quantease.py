@@ -289,7 +289,7 @@ class _Problem:
     is frozen while the others go on, and the bookkeeping (f, tol, keep-the-best) is per segment.
 
     Sweeps from an iterate on the grid run `cd_kernel.cd_sweep_rows` (CPU, kernel="auto"), which keeps G exact and
-    returns f; others (the first sweep from W, relaxed sweeps, kernel="plain", CUDA) run the blocked `_sweep` on
+    returns the change of f; others (the first sweep from W, relaxed sweeps, kernel="plain", CUDA) run the blocked `_sweep` on
     the transposed layout. G is computed once from the start and then kept exact by the sweeps and the refits."""
 
     def __init__(self, W: torch.Tensor, Sigma: torch.Tensor, options: QuantEaseOptions, shift: torch.Tensor | None,
@@ -318,8 +318,12 @@ class _Problem:
     def use_grid(self, grid: Grid) -> None:
         """Sweep on `grid` (original column order) from now on."""
         self.grid = grid
-        self.work_grid = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
+        self.work_grid = self.working(grid)
         self.columns: tuple[torch.Tensor, ...] | None = None  # the dense loop's [p, q] grid, made when needed
+
+    def working(self, grid: Grid) -> Grid:
+        """`grid` with its g_idx in the working column order."""
+        return grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
 
     def on_grid(self, X: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The nearest grid points of the columns `cols` of X [q, p]."""
@@ -403,7 +407,7 @@ class _Problem:
                 Q[s] = best.Q
                 G[s] = _residual(Q[s], self.W[s], self.Sigma, self.lam, None if self.B is None else self.B[s])
         grid = Grid.stack([b.grid.rows(s) for b, s in zip(bests, self.segments)])
-        work = grid if self.perm is None else replace(grid, g_idx=grid.g_idx[self.perm])
+        work = self.working(grid)
         codes = work.quantize(Q)  # exact: Q lies on the grid; the refit keeps these codes
         QS = None
         if grid.scale.shape[1] == 1:  # per channel: Q Σ = G + B + W Σ - λ(Q - W), with W Σ once for all rounds
