@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check of README "Large models on one GPU": one prepared command, at most 8 minutes on one H100/H200
-# (make gpu-check; every step has a timeout, 9.5 minutes in all).
+# The GPU check of README "Large models on one GPU": one prepared command, about 8 minutes on one H100/H200
+# (make gpu-check; every step has a timeout, 11.5 minutes in all: where one call may run 10 minutes, run STEPS=1,4
+# and STEPS=2,3 as two calls).
 #
 #   1. the GPU tests of the suite (pytest -m gpu): CUDA vs CPU layer errors, offload on CUDA (identical bytes, lower
-#      peak)
+#      peak); and the QuantEase tests of the Triton column loop (solvers/cd_triton.py), compiled, on CUDA tensors
 #   2. the default model, W4 QuantEase, 16 x 512 PTB calibration, on the CPU (float32 forwards, the CPU default) and
 #      on the GPU (bfloat16 forwards); perplexity of both on PTB and wiki (8 windows of 2048 tokens), evaluated on the
 #      GPU; the GPU checkpoint must be within 0.5% of the CPU one on each dataset
 #   3. bench_scale on the GPU: Llama-3-8B shapes, 2 blocks, 128 x 2048 calibration tokens; per block the time split and
 #      peak GPU memory (torch.cuda.max_memory_allocated), plan vs measured, extrapolation to 32 blocks
 #   4. bench_solvers' speed table at Llama-3-8B's layer shapes (4096x4096, 14336x4096, 4096x14336) on the GPU: one CD
-#      sweep against one matmul of the same shape (time and GFLOP/s), the default solve against GPTQ's
+#      sweep with the Triton loop and with the plain loop against one matmul of the same shape (time and GFLOP/s),
+#      the default solve against GPTQ's
 #
 # Everything lands in $OUT (default runs/gpu-check); the summary is $OUT/gpu_check.json. Exit 1 if a check fails.
 # A dry run of steps 2 and 4 and the summary on a machine without a GPU:
@@ -38,6 +40,7 @@ step() { [[ ",$STEPS," == *",$1,"* ]]; }
 if step 1; then
   stamp "1/4 GPU tests"
   timeout $(( 60 * SLOW )) $PY -m pytest -q -m gpu tests/test_scale.py tests/test_robustness.py
+  timeout $(( 60 * SLOW )) $PY -m pytest -q tests/test_quantease.py -k "triton or cuda"  # the Triton loop, compiled
 fi
 
 if step 2; then
@@ -57,7 +60,7 @@ fi
 
 if step 4; then
   stamp "4/4 CD sweep vs matmul on $DEVICE ($SHAPES)"
-  timeout $(( 90 * SLOW )) $PY scripts/bench_solvers.py --shapes "$SHAPES" --device "$DEVICE" \
+  timeout $(( 150 * SLOW )) $PY scripts/bench_solvers.py --shapes "$SHAPES" --device "$DEVICE" \
     --json "$OUT/bench-solvers.json" | tee "$OUT/bench-solvers.md"
 fi
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,6 +252,87 @@ def test_compiled_column_loop_gives_the_same_bits_on_any_number_of_threads():
     assert not torch.equal(Q, Q0) and torch.equal(Q[3], Q0[3]) and torch.equal(D, Q - Q0)  # D: the changes
     for r in results[1:]:
         assert torch.equal(r[0], Q) and torch.equal(r[1], D)
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_triton_column_loop_matches_the_plain_loop(relaxed):
+    """The CUDA kernel (cd_triton; on a machine without CUDA through Triton's interpreter) against the plain loop on
+    one block: 150 columns (two sub-blocks of the kernel) by 70 rows (a partial program), a dead input, integer and
+    fractional offsets. Only the order of the feedback sum and fused multiply-adds differ, so a code may differ only
+    at a float tie; D is exactly the change it made."""
+    pytest.importorskip("triton")
+    from quantease.solvers import cd_triton
+    from quantease.solvers.quantease import _column_loop
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    B, q = 150, 70
+    S = torch.randn(B, B, generator=g)
+    S = S @ S.T / B + torch.eye(B)
+    s, z = torch.rand(B, q, generator=g) * 0.2 + 0.05, torch.randint(0, 8, (B, q), generator=g).float()
+    o = s * z
+    o[:, :5] += 0.3 * s[:, :5]  # off-integer zero points (GGUF-like grids)
+    Q0 = (z + torch.randint(-1, 2, (B, q), generator=g)).clamp(0, 7) * s - o  # on the grid
+    G = 0.5 * torch.randn(B, q, generator=g)
+    dinv = 1 / torch.diagonal(S)
+    dinv[3] = 0
+    Q0[3] += 0.3 * s[3]  # a dead input off the grid keeps its entries anyway
+    args = [X.to(device) for X in (S, G, s, z, o)]
+    assert cd_triton.usable(Q0.to(device), args[0])
+    (Qp, Dp), (Qk, Dk) = [(Q0.clone().to(device), torch.full_like(Q0, float("nan")).to(device)) for _ in range(2)]
+    _column_loop(Qp, Dp, *args, dinv.tolist(), 7, relaxed)
+    cd_triton.cd_block(Qk, Dk, *args, dinv.to(device), 7, relaxed)
+    Qp, Dp, Qk, Dk = (X.cpu() for X in (Qp, Dp, Qk, Dk))
+    assert torch.equal(Dk, Qk - Q0) and torch.equal(Qk[3], Q0[3]) and not torch.equal(Qk, Q0)
+    if relaxed:  # no rounding: the values agree to float rounding of the feedback
+        torch.testing.assert_close(Qk, Qp, rtol=1e-5, atol=1e-5)
+    else:
+        assert (Qk == Qp).float().mean() >= 0.999
+        live = torch.arange(B) != 3
+        codes = torch.round((Qk + o) / s)[live]  # on the grid: an integer code in range
+        assert torch.allclose(codes * s[live] - o[live], Qk[live], atol=1e-6) and codes.min() >= 0 and codes.max() <= 7
+
+
+def test_triton_kernel_compiles_for_hopper_and_ampere():
+    """Triton's interpreter runs kernels that its compiler rejects (a plain global in a kernel, for one), so the
+    kernel is also compiled ahead of time for sm_90 and sm_80, which needs no GPU (Triton ships ptxas)."""
+    pytest.importorskip("triton")
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantease.solvers import cd_triton
+sig = dict.fromkeys("Q D S G s z o dinv".split(), "*fp32")
+sig.update(n="i32", nb="i32", stride_x="i32", stride_s0="i32", stride_s1="i32", maxq="fp32",
+           RELAXED="constexpr", BLOCK_N="constexpr", BLOCK_B="constexpr")
+for arch in (90, 80):
+    for relaxed in (False, True):
+        consts = {"RELAXED": relaxed, "BLOCK_N": cd_triton._BLOCK_N, "BLOCK_B": cd_triton._MAX_B}
+        kernel = triton.compile(ASTSource(cd_triton._block_kernel, sig, consts), target=GPUTarget("cuda", arch, 32))
+        assert kernel.asm["cubin"]
+        assert relaxed or "div.rn.f32" in kernel.asm["ptx"]  # IEEE division, as torch's
+print("compiled")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("options", [{}, {"init": "w", "sweeps": 3, "tol": 0.0, "relax_sweeps": 1}])
+def test_cuda_sweep_path_matches_the_plain_loop(options, monkeypatch):
+    """The solve as it runs on CUDA (every sweep dense, each block's column loop one Triton launch), here with the
+    CPU kernels turned off and Triton interpreted: the same codes as the plain loop up to float ties."""
+    pytest.importorskip("triton")
+    from quantease.solvers import cd_kernel
+
+    monkeypatch.setattr(cd_kernel, "usable", lambda *tensors: False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    W, S, _ = (X.to(device) for X in make_problem(40, 144, seed=13))
+    spec = GridSpec(bits=3, group_size=48)
+    plain, fused = (run(W, S, spec, kernel=k, **options) for k in ("plain", "auto"))
+    assert (plain.weight.codes == fused.weight.codes).float().mean() >= 0.999
+    assert fused.loss == pytest.approx(plain.loss, rel=1e-3)
+    assert_valid(fused, W, S, spec)
 
 
 @pytest.mark.parametrize("group_size", [-1, 16])

@@ -34,12 +34,13 @@ scales under one fp16 scale) keep the grid llama.cpp's fit gives them: no refit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import UsageError
-from . import cd_kernel
+from . import cd_kernel, cd_triton
 from .base import QuantizedWeight, SolveResult, Target, get_solver, layer_loss, register_solver, register_stacked
 from .gptq import GPTQOptions, check_layer
 from .gptq import quantize as gptq_quantize
@@ -142,18 +143,19 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
     dinv[j] = 1/(Σ_jj + λ), 0 for dead inputs, which are skipped. Grid points are s·c - o (st, zt, ot [p, q]).
     In block i1:i2, with Σ₁ its diagonal block, G₁ its residual rows at the block's start and Δ its changes so far,
         u_i = Q_i - dinv_i (G_i + Σ_{k<i} Σ₁[i, k] Δ_k)        (one matvec per column)
-    and Q_i becomes u_i's nearest grid point. kernel="auto" runs each block's column loop as one compiled kernel on
-    CPU (cd_kernel.py); "plain" (and CUDA) as torch ops, column by column."""
+    and Q_i becomes u_i's nearest grid point. kernel="auto" runs each block's column loop as one compiled kernel:
+    numba on CPU (cd_kernel.py), Triton on CUDA (cd_triton.py); "plain" (or neither usable) as torch ops, column by
+    column."""
     p = Qt.shape[0]
-    compiled = kernel == "auto" and cd_kernel.usable(Qt, Sigma)
-    dinv_list = dinv.tolist()
+    compiled = _compiled_block(kernel, Qt, Sigma)
+    dinv_list = None if compiled else dinv.tolist()
     Dt = torch.empty_like(Qt)  # [p, q] the sweep's change of Q
     for i1 in range(0, p, block_size):
         i2 = min(i1 + block_size, p)
         # Q₁, Δ₁ [B, q], Σ₁ [B, B], G₁ and the grid's columns [B, q]
         blk = (Qt[i1:i2], Dt[i1:i2], Sigma[i1:i2, i1:i2], Gt[i1:i2], st[i1:i2], zt[i1:i2], ot[i1:i2])
         if compiled:
-            cd_kernel.cd_block(*blk, dinv[i1:i2], maxq, relaxed)
+            compiled(*blk, dinv[i1:i2], maxq, relaxed)
         else:
             _column_loop(*blk, dinv_list[i1:i2], maxq, relaxed)
         Gt[i2:].addmm_(Sigma[i2:, i1:i2], Dt[i1:i2])  # later columns see this block's change
@@ -163,6 +165,15 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, Sigma: torch.Tensor, dinv: torch.
         Gt[i1:i1 + block_size].addmm_(Sigma[i1:i1 + block_size, i1:], Dt[i1:])
     if lam:
         Gt.add_(Dt, alpha=lam)
+
+
+def _compiled_block(kernel: str, *tensors: torch.Tensor) -> Callable[..., None] | None:
+    """The compiled column loop of one block for these tensors' device (kernel="auto"), or None for the plain loop."""
+    if kernel == "auto":
+        for module in (cd_kernel, cd_triton):
+            if module.usable(*tensors):
+                return module.cd_block
+    return None
 
 
 def _column_loop(Q1: torch.Tensor, D1: torch.Tensor, S1: torch.Tensor, G1: torch.Tensor, s1: torch.Tensor,
