@@ -424,7 +424,9 @@ class _Problem:
         if grid.scale.shape[1] == 1:  # per channel: Q Σ = G + B + W Σ - λ(Q - W), with W Σ once for all rounds
             if self.WS is None:
                 self.WS = self.W @ self.Sigma  # [q, p]
-            QS = (G + self.WS).sub_(Q - self.W, alpha=self.lam)
+            QS = G + self.WS
+            if self.lam:
+                QS.sub_(Q - self.W, alpha=self.lam)
             if self.B is not None:
                 QS += self.B
         new = _refit(codes, G, self.Sigma, work, sym, QS)  # G becomes the residual of the codes on the new grid
