@@ -70,10 +70,12 @@ import json, sys
 from pathlib import Path
 
 out, tol = Path(sys.argv[1]), float(sys.argv[2])
-ppl = json.loads((out / "ppl.json").read_text())
-cpu, gpu = ({r["dataset"]: r["ppl"] for r in ppl[str(out / f"w4-{d}")]} for d in ("cpu", "gpu"))
-rows = {d: {"cpu_float32": cpu[d], "gpu_bfloat16": gpu[d], "rel_diff": gpu[d] / cpu[d] - 1} for d in cpu}
-summary = {"ppl": rows}
+summary, rows = {}, {}  # whatever steps have run into OUT (a split run's second call sums up both)
+if (out / "ppl.json").exists():
+    ppl = json.loads((out / "ppl.json").read_text())
+    cpu, gpu = ({r["dataset"]: r["ppl"] for r in ppl[str(out / f"w4-{d}")]} for d in ("cpu", "gpu"))
+    rows = {d: {"cpu_float32": cpu[d], "gpu_bfloat16": gpu[d], "rel_diff": gpu[d] / cpu[d] - 1} for d in cpu}
+    summary["ppl"] = rows
 bench = out / "bench-scale" / "bench-scale.json"
 if bench.exists():
     b = json.loads(bench.read_text())
@@ -82,11 +84,12 @@ if bench.exists():
     summary["bench_scale"] = {"blocks": blocks, "pairs": b["pairs"], "extrapolated": b["extrapolated"]}
 solvers = out / "bench-solvers.json"
 if solvers.exists():
-    summary["solver_speed"] = [{k: r[k] for k in ("shape", "matmul_ms", "sweep_ms", "sweep_x", "cd_gflops",
-                                                  "matmul_gflops", "default_x", "refit0_x")}
+    summary["solver_speed"] = [{k: r[k] for k in ("shape", "matmul_ms", "sweep_ms", "sweep_x", "plain_ms", "plain_x",
+                                                  "cd_gflops", "matmul_gflops", "default_x", "refit0_x")}
                                for r in json.loads(solvers.read_text())["speed"]]
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-print("| dataset | CPU float32 | GPU (or DEVICE) bfloat16 | difference |\n|---|---|---|---|")
+if rows:
+    print("| dataset | CPU float32 | GPU (or DEVICE) bfloat16 | difference |\n|---|---|---|---|")
 for d, r in rows.items():
     print(f"| {d} | {r['cpu_float32']:.3f} | {r['gpu_bfloat16']:.3f} | {100 * r['rel_diff']:+.2f}% |")
 bad = [d for d, r in rows.items() if abs(r["rel_diff"]) > tol]

@@ -85,9 +85,10 @@ def cd_block(Q: torch.Tensor, D: torch.Tensor, S: torch.Tensor, G: torch.Tensor,
         j2 = min(j1 + _MAX_B, nb)
         # the sub-block's residual sees the block's earlier changes
         Gj = G[j1:j2] if j1 == 0 else torch.addmm(G[j1:j2], S[j1:j2, :j1], D[:j1])
-        args = [X[j1:j2] for X in (Q, D)] + [S[j1:j2, j1:j2], Gj] + [X[j1:j2] for X in (s, z, o)]
+        Sj = S[j1:j2, j1:j2].t().contiguous().t()  # column-major: the kernel reads a column per step, contiguously
+        args = [X[j1:j2] for X in (Q, D)] + [Sj, Gj] + [X[j1:j2] for X in (s, z, o)]
         assert all(X.stride(1) == 1 and X.stride(0) == args[0].stride(0) for X in args[:2] + args[3:]), \
             "cd_triton: the [B, q] operands must share one row stride"
         _block_kernel[(triton.cdiv(n, _BLOCK_N),)](
-            *args, dinv[j1:j2].contiguous(), n, j2 - j1, args[0].stride(0), *S.stride(), float(maxq),
+            *args, dinv[j1:j2].contiguous(), n, j2 - j1, args[0].stride(0), *Sj.stride(), float(maxq),
             RELAXED=relaxed, BLOCK_N=_BLOCK_N, BLOCK_B=triton.next_power_of_2(j2 - j1))
