@@ -69,6 +69,17 @@ def test_loss_is_the_propagated_error_measured_from_activations(kind, alpha):
     assert res.loss == pytest.approx(measured(W, res.weight.dequantize(), X, Xf, alpha), rel=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_output_energy_is_the_targets_energy_measured_from_activations(alpha):
+    """The relative errors' denominator, ||W X_α||² / N, against the activations (Ŵ = 0 in `measured`)."""
+    from quantease.solvers.base import output_energy
+
+    W, S, X, Xf = problem(4)
+    zero = torch.zeros_like(W)
+    assert output_energy(W, S, stats(X, Xf, alpha)) == pytest.approx(measured(W, zero, X, Xf, alpha), rel=1e-5)
+    assert output_energy(W, S) == pytest.approx(measured(W, zero, X, X, 1.0), rel=1e-5)
+
+
 @pytest.mark.parametrize("init", ["w", "gptq"])
 def test_cd_sweeps_never_increase_the_propagated_objective(init):
     QE = get_solver("quantease")

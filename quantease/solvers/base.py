@@ -259,9 +259,11 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, sigma: torch.Tensor, target
 
 
 def output_energy(W: torch.Tensor, sigma: torch.Tensor, target: Target | None = None) -> float:
-    """||W X_α||² / N = tr(W Σ Wᵀ) + 2α tr(W Δ Wᵀ) + α² tr(W Σ_d Wᵀ), in fp64: what a relative error is relative to
-    (tr(W Σ Wᵀ) for the layer objective)."""
-    energy = quadratic(W, sigma)
+    """||W X_α||² / N in fp64: what a relative error is relative to. X_α = X + α(X_fp - X) has the second moment
+    Σ_α = Σ + α(Δ + Δᵀ) + α² Σ_d, so this is one quadratic tr(W Σ_α Wᵀ) (tr(W Σ Wᵀ) for the layer objective) instead
+    of tr(W Σ Wᵀ) + 2α tr(W Δ Wᵀ) + α² tr(W Σ_d Wᵀ): two [q, p] @ [p, p] fewer, one of them in fp64."""
     if target is None:
-        return energy
-    return energy + 2 * float((target.shift(W).double() * W.double()).sum()) + target.constant(W)
+        return quadratic(W, sigma)
+    a = target.alpha
+    sigma_a = (target.delta + target.delta.T).mul_(a).add_(target.sigma_d, alpha=a * a).add_(sigma)  # [p, p]
+    return quadratic(W, sigma_a)
